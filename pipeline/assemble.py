@@ -1,0 +1,121 @@
+"""From the records of one finished source to its ledger entry and its WebDataset samples."""
+
+from __future__ import annotations
+
+from pipeline import __version__
+from pipeline.record import Record
+from pipeline.shard_writer import sample_json
+
+
+class SourceCollector:
+    """Groups records arriving in any order by source, and hands back a source once all of it has arrived."""
+
+    def __init__(self):
+        self._groups: dict[str, list[Record]] = {}
+
+    def add(self, record: Record) -> list[Record] | None:
+        if record.kind == "source":  # never expanded into clips: rejected, dropped or without clips
+            return [record]
+        group = self._groups.setdefault(record.source_path, [])
+        group.append(record)
+        if len(group) == record.clips_planned:
+            return self._groups.pop(record.source_path)
+        return None
+
+    def incomplete(self) -> dict[str, list[Record]]:
+        return self._groups
+
+
+def _status(record: Record) -> tuple[str, str | None, str | None]:
+    if record.errors:
+        return "failed", record.errors[0]["stage"], record.errors[0]["reason"]
+    if record.drop:
+        return "dropped", record.drop["stage"], record.drop["reason"]
+    return "kept", None, None
+
+
+def manifest_row(record: Record) -> dict:
+    meta = record.meta
+    quality = meta.get("stats", {}).get("quality", {})
+    caption = meta.get("caption") or {}
+    return {
+        "key": record.key,
+        "shard": None,  # filled in by the shard writer
+        "source": record.source_path,
+        "source_id": record.source_id,
+        "clip_id": meta["clip_id"],
+        "start_s": meta["span"]["start_s"],
+        "end_s": meta["span"]["end_s"],
+        "fps": meta["clip"]["fps"],
+        "width": meta["clip"]["width"],
+        "height": meta["clip"]["height"],
+        "num_frames": meta["clip"]["num_frames"],
+        "duration_s": meta["clip"]["duration_s"],
+        "caption": caption.get("text"),
+        "brightness": quality.get("brightness_mean"),
+        "sharpness": quality.get("sharpness_median"),
+    }
+
+
+def sample_metadata(record: Record, config_hash: str) -> dict:
+    """KEY.json: everything known about the clip, plus provenance (backends, versions, config hash)."""
+    meta = record.meta
+    return {
+        "key": record.key,
+        "clip_id": meta["clip_id"],
+        "source": meta["source"],
+        "span": meta["span"],
+        "clip": meta["clip"],
+        "keyframes": meta.get("keyframes", []),
+        "caption": meta.get("caption"),
+        "stats": meta.get("stats", {}),
+        "warnings": meta.get("warnings", []),
+        "provenance": {
+            "pipeline_version": __version__,
+            "config_hash": config_hash,
+            "stages": meta.get("provenance", {}),
+        },
+    }
+
+
+def assemble_source(records: list[Record], config_hash: str, run_id: str) -> tuple[dict, list[dict]]:
+    """The ledger entry and the samples of one source whose records have all arrived."""
+    first = records[0]
+    src = first.meta.get("source", {})
+    probe = src.get("probe") or {}
+    entry: dict = {
+        "type": "source",
+        "path": first.source_path,
+        "source_id": first.source_id,
+        "size": src.get("size"),
+        "mtime_ns": src.get("mtime_ns"),
+        "duration_s": probe.get("duration_s", 0.0),
+        "run": run_id,
+        "samples": [],
+        "clips": [],
+        "errors": [],
+        "timings": {},
+    }
+    samples = []
+    for record in sorted(records, key=lambda r: r.key):
+        status, stage, reason = _status(record)
+        for error in record.errors:
+            entry["errors"].append({"source": record.source_path, "key": record.key, **error})
+        for name, seconds in record.meta.get("timings", {}).items():
+            entry["timings"][name] = entry["timings"].get(name, 0.0) + seconds
+        if record.kind == "source":
+            entry["status"] = "rejected" if status == "failed" else "no_clips"
+            entry["stage"], entry["reason"] = stage, reason
+            continue
+        entry["status"] = "curated"
+        entry["clips"].append({"key": record.key, "status": status, "stage": stage, "reason": reason})
+        if status == "kept":
+            entry["samples"].append(manifest_row(record))
+            samples.append(
+                {
+                    "__key__": record.key,
+                    "mp4": record.get_bytes("mp4"),
+                    "json": sample_json(sample_metadata(record, config_hash)),
+                }
+            )
+    return entry, samples

@@ -1,0 +1,189 @@
+"""Typed run configuration: YAML recipes validated into pydantic models, with `--set key=value` overrides.
+
+Defaults run on a laptop. Every error names the offending key and, where the choice is closed, the allowed values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is meant for the user as is."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StageResources(_Section):
+    """What one worker of a stage asks Ray for. GPUs may be fractional (logical only: Ray does not split memory)."""
+
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory_gb: float = Field(0.5, ge=0)
+    batch_size: int = Field(1, ge=1)
+    workers: int | None = Field(None, ge=1, description="actor pool size for model stages; null = one per free CPU")
+
+
+class InputConfig(_Section):
+    paths: list[str] = Field(default_factory=list, description="files, directories or glob patterns")
+    metadata: str | None = Field(None, description="JSONL with per-video captions: {video, caption?, shots?}")
+    extensions: list[str] = Field(default_factory=lambda: [".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"])
+
+
+class LimitsConfig(_Section):
+    max_width: int = Field(3840, ge=16)
+    max_height: int = Field(3840, ge=16)
+    max_duration_s: float = Field(4 * 3600.0, gt=0)
+    min_frames: int = Field(8, ge=1)
+    on_exceed: Literal["reject", "downscale"] = "reject"
+
+
+class ShotsConfig(_Section):
+    backend: Literal["pyscenedetect", "transnetv2"] = "pyscenedetect"
+    threshold: float | None = Field(None, gt=0, description="null = backend default (27 content score / 0.5 prob)")
+    min_clip_s: float = Field(2.0, gt=0)
+    max_clip_s: float = Field(10.0, gt=0)
+    trim_s: float = Field(0.0, ge=0, description="seconds cut from each end of a shot before clipping")
+    detect_short_side: int = Field(180, ge=27, description="frames are downscaled to this for content detection")
+    resources: StageResources = Field(default_factory=StageResources)
+
+    @model_validator(mode="after")
+    def _check_lengths(self):
+        if self.max_clip_s < self.min_clip_s:
+            raise ValueError(f"max_clip_s ({self.max_clip_s}) must be >= min_clip_s ({self.min_clip_s})")
+        return self
+
+
+class ClipsConfig(_Section):
+    max_short_side: int = Field(360, ge=16, description="clips are downscaled (never upscaled) to this short side")
+    fps: float | None = Field(None, gt=0, description="null = keep the source frame rate")
+    crf: int = Field(23, ge=0, le=51)
+    preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"] = "veryfast"
+    keyframes: list[float] = Field(default_factory=lambda: [0.05, 0.5, 0.95])
+    resources: StageResources = Field(default_factory=lambda: StageResources(memory_gb=1.0))
+
+
+class QualityFilterConfig(_Section):
+    min_brightness: float = Field(25.0, ge=0, le=255, description="mean luma of the keyframes")
+    max_brightness: float = Field(235.0, ge=0, le=255)
+    min_sharpness: float = Field(20.0, ge=0, description="median variance of the Laplacian over the keyframes")
+
+
+class FiltersConfig(_Section):
+    quality: QualityFilterConfig = Field(default_factory=QualityFilterConfig)
+
+
+class OutputConfig(_Section):
+    split: str = Field("train", pattern=r"^[a-z0-9_]+$")
+    shard_max_samples: int = Field(256, ge=1)
+    shard_max_mb: float = Field(512.0, gt=0)
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="existing cluster (ray://, auto, or host:port); null = local")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray; null = all")
+    progress: bool = True
+
+
+class RunConfig(_Section):
+    input: InputConfig = Field(default_factory=InputConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    shots: ShotsConfig = Field(default_factory=ShotsConfig)
+    clips: ClipsConfig = Field(default_factory=ClipsConfig)
+    filters: FiltersConfig = Field(default_factory=FiltersConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def hash(self) -> str:
+        """Hash of everything that shapes the samples (not where inputs come from or where Ray runs)."""
+        data = self.model_dump(mode="json", exclude={"input", "ray"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_error(err: dict, model: type[BaseModel]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "<root>"
+    if err["type"] == "extra_forbidden":
+        section = model
+        for part in loc[:-1]:
+            field = section.model_fields.get(part)
+            annotation = getattr(field, "annotation", None)
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                section = None
+                break
+            section = annotation
+        allowed = ", ".join(section.model_fields) if section else "see docs/config.md"
+        return f"unknown config key '{key}' (allowed here: {allowed})"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"config key '{key}': {err['msg']}{shown}"
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`shots.backend=transnetv2` -> ("shots.backend", "transnetv2"); values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set shots.backend=transnetv2")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r} ({exc})") from None
+    return key, value
+
+
+def build_config(data: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Validate a config dict plus `key=value` overrides; raise ConfigError listing every problem."""
+    data = json.loads(json.dumps(data or {}))  # deep copy; YAML data is JSON-compatible
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(data, key, value)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = [_format_error(e, RunConfig) for e in exc.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML recipe (or defaults when path is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (input, shots, clips, ...)")
+    try:
+        return build_config(data, overrides)
+    except ConfigError as exc:
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}{exc}") from None

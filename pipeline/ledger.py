@@ -1,0 +1,110 @@
+"""The commit log of an output directory (OUT/ledger.jsonl): the single source of truth for resume.
+
+Entries are appended and fsynced in commit order:
+  {"type": "shard", "shard": "shards/train-000003.tar", "nsamples", "bytes", "sha256", "keys": [...]}
+  {"type": "source", "path", "source_id", "size", "mtime_ns", "status", "samples": [...], "clips": [...],
+   "errors": [...]}                                   -- written only after every shard holding its samples
+  {"type": "duplicate", "path", "source_id", ...}   -- a file whose content an earlier source already had
+  {"type": "run", ...}                                -- one per finished run: wall time and throughput
+A source is committed when its entry is in the log. Everything else on disk (temporary shards, shards without
+an entry, shards that hold only samples of uncommitted sources) is debris of an interrupted run and is removed
+by `recover()` before a run starts, so a rerun neither duplicates nor loses a sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LEDGER_NAME = "ledger.jsonl"
+SHARD_DIR = "shards"
+
+
+@dataclass
+class LedgerState:
+    shards: dict[str, dict] = field(default_factory=dict)  # shard path (relative to OUT) -> entry
+    sources: dict[str, dict] = field(default_factory=dict)  # source_id -> entry
+    runs: list[dict] = field(default_factory=list)
+    duplicates: dict[str, dict] = field(default_factory=dict)  # path -> entry of a file whose content came before
+
+    def committed_files(self) -> dict[tuple[str, int, int], str]:
+        """(path, size, mtime_ns) -> source id: lets a rerun skip unchanged files without hashing them."""
+        entries = list(self.sources.values()) + list(self.duplicates.values())
+        return {(e["path"], e["size"], e["mtime_ns"]): e["source_id"] for e in entries}
+
+
+class Ledger:
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / LEDGER_NAME
+
+    def read(self) -> LedgerState:
+        """Parse the log; a torn last line (killed mid-append) is ignored: its commit never happened."""
+        state = LedgerState()
+        if not self.path.exists():
+            return state
+        for line in self.path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            kind = entry.get("type")
+            if kind == "shard":
+                state.shards[entry["shard"]] = entry
+            elif kind == "source":
+                state.sources[entry["source_id"]] = entry
+            elif kind == "duplicate":
+                state.duplicates[entry["path"]] = entry
+            elif kind == "run":
+                state.runs.append(entry)
+        return state
+
+    def append(self, entry: dict) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(entry, separators=(",", ":")) + "\n"
+        with open(self.path, "a") as f:
+            # A torn line from a killed writer must not swallow this entry: start on a fresh line.
+            if f.tell() > 0 and not self._ends_with_newline():
+                f.write("\n")
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+
+    def recover(self) -> LedgerState:
+        """Remove the debris of an interrupted run and return the committed state."""
+        state = self.read()
+        shard_dir = self.out_dir / SHARD_DIR
+        committed_keys = {s["key"] for e in state.sources.values() for s in e["samples"]}
+        orphaned = [name for name, e in state.shards.items() if not committed_keys.intersection(e["keys"])]
+        for name in orphaned:
+            # Only a source larger than one shard leaves such shards behind: its last shard never committed.
+            (self.out_dir / name).unlink(missing_ok=True)
+            del state.shards[name]
+        if shard_dir.is_dir():
+            for path in shard_dir.iterdir():
+                rel = f"{SHARD_DIR}/{path.name}"
+                if rel not in state.shards:
+                    path.unlink()
+        if orphaned or self._has_torn_line():
+            self._rewrite(state)
+        return state
+
+    def _has_torn_line(self) -> bool:
+        return self.path.exists() and self.path.stat().st_size > 0 and not self._ends_with_newline()
+
+    def _rewrite(self, state: LedgerState) -> None:
+        entries = [*state.shards.values(), *state.sources.values(), *state.duplicates.values(), *state.runs]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w") as f:
+            for entry in entries:
+                f.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)

@@ -1,0 +1,213 @@
+"""The job runner: list inputs, skip committed sources, stream records through the stages on Ray Data, and
+commit finished sources into shards from the driver.
+
+Stateless stages run as Ray tasks (Ray fuses consecutive ones, so a source is decoded and cut in one task);
+model stages run in actor pools so their model loads once per actor. The driver only groups finished records
+by source and writes shards, which is cheap next to decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline import __version__
+from pipeline.assemble import SourceCollector, assemble_source
+from pipeline.config import ConfigError, RunConfig
+from pipeline.inputs import list_inputs, load_metadata, source_records
+from pipeline.ledger import Ledger
+from pipeline.outputs import write_outputs
+from pipeline.record import Record, table_to_records
+from pipeline.shard_writer import ShardSink
+from pipeline.stage import Stage, named_actor_class, named_task_fn, run_stage
+
+log = logging.getLogger(__name__)
+
+
+def _check_config(out: Path, config: RunConfig) -> None:
+    """Refuse to mix samples made under different settings in one output directory."""
+    saved = out / "config.yaml"
+    if saved.exists():
+        previous = (yaml.safe_load(saved.read_text()) or {}).get("config_hash")
+        if previous and previous != config.hash():
+            raise ConfigError(
+                f"{out} holds samples made with a different config (hash {previous}, this run {config.hash()}). "
+                "Resume with the same config (only input.* and ray.* may change), or use a new --output directory."
+            )
+    body = {"config_hash": config.hash(), "pipeline_version": __version__, **config.model_dump(mode="json")}
+    (out / "config.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
+
+
+def _connect_ray(config: RunConfig) -> bool:
+    """Join the configured cluster, or start an embedded local Ray. Returns True when we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return True
+    ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def fuse(stages: list[Stage]) -> list[list[Stage]]:
+    """Consecutive stateless stages form one group (one Ray task); each model stage is a group of its own."""
+    groups: list[list[Stage]] = []
+    for stage in stages:
+        if groups and not stage.stateful and not groups[-1][-1].stateful:
+            groups[-1].append(stage)
+        else:
+            groups.append([stage])
+    return groups
+
+
+def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig):
+    """The Ray Data plan: one block per source, then one map_batches per stage group with its resources."""
+    import ray
+
+    config_json = config.model_dump_json()
+    ds = ray.data.from_items([r.to_row() for r in records], override_num_blocks=max(1, len(records)))
+    for group in fuse(stages):
+        classes = [type(s) for s in group]
+        res = [s.resources for s in group]
+        kwargs = dict(
+            batch_size=res[0].batch_size,
+            batch_format="pyarrow",
+            num_cpus=max(r.num_cpus for r in res),
+            num_gpus=max(r.num_gpus for r in res) or None,
+            memory=int(max(r.memory_gb for r in res) * 2**30) or None,
+        )
+        if group[0].stateful:
+            cpus = ray.available_resources().get("CPU", 2)
+            # Leave a CPU for the decode tasks around the pool, or the pipeline starves (see environment.md).
+            pool = res[0].workers or max(1, int(cpus // max(res[0].num_cpus, 1)) - 1)
+            ds = ds.map_batches(
+                named_actor_class(classes),
+                fn_constructor_args=(classes, config_json),
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
+                **kwargs,
+            )
+        else:
+            ds = ds.map_batches(
+                named_task_fn(classes), fn_kwargs={"stage_classes": classes, "config_json": config_json}, **kwargs
+            )
+    return ds
+
+
+def run_sequential(records: list[Record], stages: list[Stage]):
+    """The same flow in this process, one record at a time (for benchmarks and debugging)."""
+    for stage in stages:
+        stage.setup()
+    for record in records:
+        batch = [record]
+        for stage in stages:
+            batch = run_stage(stage, batch)
+        yield from batch
+
+
+def curate(config: RunConfig, out_dir: str | Path, console: Console | None = None, sequential: bool = False) -> dict:
+    """Run one curation job into out_dir (resuming it if it exists). Returns the summary."""
+    from stages import FLOW
+
+    console = console or Console(stderr=True)
+    started = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_config(out, config)
+    ledger = Ledger(out)
+    state = ledger.recover()
+
+    paths, input_errors = list_inputs(config.input.paths, config.input.extensions)
+    metadata = load_metadata(config.input.metadata) if config.input.metadata else {}
+    committed = state.committed_files()
+    todo = [p for p in paths if (p, os.stat(p).st_size, os.stat(p).st_mtime_ns) not in committed]
+    console.print(
+        f"[bold]s2v curate[/]: {len(paths)} input videos, {len(paths) - len(todo)} already committed, "
+        f"{len(todo)} to process -> {out}"
+    )
+
+    run_id = uuid.uuid4().hex[:12]
+    sink = ShardSink(out, config.output, ledger, state)
+    collector = SourceCollector()
+    seen_ids = set(state.sources)
+    stages = [cls(config) for cls in FLOW]
+    counts = {"sources": 0, "clips": 0, "samples": 0, "video_s": 0.0}
+    started_ray = False
+    try:
+        records = source_records(todo, metadata)
+        if sequential or not records:
+            stream = run_sequential(records, stages)
+        else:
+            started_ray = _connect_ray(config)
+            stream = (r for batch in build_dataset(records, stages, config).iter_batches(batch_size=None, batch_format="pyarrow")
+                      for r in table_to_records(batch))
+        progress = Progress(
+            TextColumn("[bold blue]sources"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[samples]} samples"), console=console, disable=not config.ray.progress,
+        )
+        with progress:
+            task = progress.add_task("curate", total=len(records), samples=0)
+            for record in stream:
+                group = collector.add(record)
+                if group is None:
+                    continue
+                entry, samples = assemble_source(group, config.hash(), run_id)
+                if entry["source_id"] and entry["source_id"] in seen_ids:
+                    # Same bytes as a source already curated (a copy under another name): never write it twice.
+                    ledger.append({"type": "duplicate", "path": entry["path"], "source_id": entry["source_id"],
+                                   "size": entry["size"], "mtime_ns": entry["mtime_ns"], "run": run_id})
+                    state.duplicates[entry["path"]] = entry
+                else:
+                    if entry["source_id"]:
+                        seen_ids.add(entry["source_id"])
+                    sink.add_source(entry, samples)
+                    counts["sources"] += 1
+                    counts["clips"] += len(entry["clips"])
+                    counts["samples"] += len(samples)
+                    counts["video_s"] += entry["duration_s"] or 0.0
+                progress.update(task, advance=1, samples=counts["samples"])
+        sink.close()
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+    for path, group in collector.incomplete().items():
+        # Records that never came back (a worker died for good): the source stays uncommitted, so the next run
+        # redoes it. Say so rather than lose it silently.
+        input_errors.append({"source": path, "stage": "runner", "reason": "incomplete",
+                             "message": f"{len(group)} of {group[0].clips_planned} clips came back; rerun to retry"})
+    wall = time.time() - started
+    cpus = _cluster_cpus(started_ray or sequential, config)
+    run = {
+        "type": "run",
+        "run": run_id,
+        "started": started,
+        "wall_s": wall,
+        "cpus": cpus,
+        **counts,
+        "clips_per_s": counts["clips"] / wall if wall else 0.0,
+        # Cosmos-Curate's headline KPI, per CPU core here since these stages run on CPUs.
+        "video_hours_per_day_per_core": (counts["video_s"] / 3600) / (wall / 86400) / cpus if wall else 0.0,
+        "mode": "sequential" if sequential else "ray",
+        "version": __version__,
+    }
+    ledger.append(run)
+    state = ledger.read()
+    return write_outputs(out, state, input_errors)
+
+
+def _cluster_cpus(ray_was_used: bool, config: RunConfig) -> float:
+    if config.ray.num_cpus:
+        return float(config.ray.num_cpus)
+    return float(os.cpu_count() or 1)

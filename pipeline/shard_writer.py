@@ -1,0 +1,117 @@
+"""The one shard writer: webdataset's ShardWriter, committing whole sources through the ledger.
+
+A source's samples are written together. A shard is written under a `.tmp` name, renamed when complete, and
+its ledger entry is followed by the entries of the sources whose last sample it holds. A source starts in a
+fresh shard when it does not fit the current one, so a shard can hold part of an uncommitted source only when
+that source alone fills it (and `Ledger.recover` removes such shards).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import webdataset as wds
+
+from pipeline.config import OutputConfig
+from pipeline.ledger import SHARD_DIR, Ledger, LedgerState
+
+TMP_SUFFIX = ".tmp"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_number(name: str) -> int:
+    return int(Path(name).name.split(".")[0].rsplit("-", 1)[1])
+
+
+class ShardSink:
+    def __init__(self, out_dir: str | Path, cfg: OutputConfig, ledger: Ledger, state: LedgerState):
+        self.out_dir = Path(out_dir)
+        self.cfg = cfg
+        self.ledger = ledger
+        (self.out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        self._start = max((shard_number(n) + 1 for n in state.shards), default=0)
+        self._writer: wds.ShardWriter | None = None
+        self._open_keys: list[str] = []
+        self._pending_sources: list[dict] = []
+        self.shards_written = 0
+        self.samples_written = 0
+
+    def _relname(self, tmp_path: str) -> str:
+        return f"{SHARD_DIR}/{Path(tmp_path).name[: -len(TMP_SUFFIX)]}"
+
+    def _open(self) -> wds.ShardWriter:
+        if self._writer is None:
+            pattern = str(self.out_dir / SHARD_DIR / f"{self.cfg.split}-%06d.tar{TMP_SUFFIX}")
+            self._writer = wds.ShardWriter(
+                pattern,
+                maxcount=self.cfg.shard_max_samples,
+                maxsize=self.cfg.shard_max_mb * 1e6,
+                post=self._commit_shard,
+                start_shard=self._start,
+                verbose=0,
+                encoder=False,
+                mtime=0.0,  # reproducible tar headers
+            )
+        return self._writer
+
+    def add_source(self, entry: dict, samples: list[dict]) -> None:
+        """Write a source's samples ({"__key__", ext: bytes}); its ledger entry follows its last shard's."""
+        if not samples:
+            self.ledger.append(entry)
+            return
+        writer = self._open()
+        nbytes = sum(len(v) for s in samples for k, v in s.items() if k != "__key__")
+        if writer.count and (
+            writer.count + len(samples) > self.cfg.shard_max_samples or writer.size + nbytes > self.cfg.shard_max_mb * 1e6
+        ):
+            writer.next_stream()
+        rows = {row["key"]: row for row in entry["samples"]}
+        for sample in samples:
+            writer.write(sample)
+            self._open_keys.append(sample["__key__"])
+            rows[sample["__key__"]]["shard"] = self._relname(writer.fname)
+        self.samples_written += len(samples)
+        self._pending_sources.append(entry)
+
+    def _commit_shard(self, tmp_path: str) -> None:
+        keys, self._open_keys = self._open_keys, []
+        if not keys:
+            os.unlink(tmp_path)
+            return
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        final = tmp_path[: -len(TMP_SUFFIX)]
+        os.replace(tmp_path, final)
+        self.ledger.append(
+            {
+                "type": "shard",
+                "shard": self._relname(tmp_path),
+                "nsamples": len(keys),
+                "bytes": os.path.getsize(final),
+                "sha256": file_sha256(final),
+                "keys": keys,
+            }
+        )
+        self.shards_written += 1
+        sources, self._pending_sources = self._pending_sources, []
+        for entry in sources:
+            self.ledger.append(entry)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def sample_json(meta: dict) -> bytes:
+    return json.dumps(meta, indent=None, sort_keys=True).encode()

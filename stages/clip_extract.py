@@ -1,0 +1,148 @@
+"""Clip extraction: one streaming decode of the source cuts every planned clip, transcodes it to the target
+spec (size, fps, H.264) and keeps its keyframes (by default at 5%, 50% and 95% of the clip, as in LumosX)."""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+import numpy as np
+
+from pipeline.config import StageResources
+from pipeline.inputs import caption_for_span
+from pipeline.record import Record
+from pipeline.stage import Stage
+from pipeline.video import ClipEncoder, VideoError, fit_size, iter_frames
+
+# Fixed namespace so clip ids are the same on every machine and every run.
+CLIP_NAMESPACE = uuid.UUID("6f1c3a52-8d0e-4b6f-9a57-2f0c1e4d9b13")
+
+
+def clip_key(source_id: str, first_frame: int, last_frame: int) -> str:
+    """Sample key: source content id + span. No dots (WebDataset splits keys at the first dot)."""
+    return f"{source_id[:16]}-{first_frame:07d}-{last_frame:07d}"
+
+
+def output_frame_sources(first: int, last: int, fps_in: float, fps_out: float) -> list[int]:
+    """Source frame index for each output frame when resampling [first, last] from fps_in to fps_out."""
+    if fps_out >= fps_in:
+        return list(range(first, last + 1))
+    count = max(1, int(math.floor((last - first + 1) * fps_out / fps_in + 1e-6)))
+    return [first + int(math.floor(j * fps_in / fps_out + 1e-6)) for j in range(count)]
+
+
+class _OpenClip:
+    def __init__(self, record: Record, sources: list[int], size, fps_out: float, cfg):
+        self.record = record
+        self.sources = sources  # output frame -> source frame, non-decreasing
+        self.cursor = 0
+        self.encoder = ClipEncoder(size[0], size[1], fps_out, crf=cfg.crf, preset=cfg.preset)
+        n = len(sources)
+        self.keyframe_at = {round(p * (n - 1)): p for p in cfg.keyframes}
+        self.keyframes: dict[int, np.ndarray] = {}
+
+    def feed(self, index: int, frame: np.ndarray) -> None:
+        while self.cursor < len(self.sources) and self.sources[self.cursor] == index:
+            if self.cursor in self.keyframe_at:
+                self.keyframes[self.cursor] = frame
+            self.encoder.add(frame)
+            self.cursor += 1
+
+    @property
+    def complete(self) -> bool:
+        return self.cursor == len(self.sources)
+
+
+class ClipExtractor(Stage):
+    """Source record in, one clip record per planned clip out (fan-out). Every planned clip yields a record:
+    the ones the decode could not reach carry an error, so the writer can account for the whole source."""
+
+    name = "clip_extract"
+
+    @property
+    def resources(self) -> StageResources:
+        return self.config.clips.resources
+
+    def process(self, records: list[Record]) -> list[Record]:
+        out: list[Record] = []
+        for source in records:
+            out.extend(self._extract(source))
+        return out
+
+    def _new_clip(self, source: Record, span: dict, fps_in: float) -> Record:
+        first, last = span["first_frame"], span["last_frame"]
+        key = clip_key(source.source_id, first, last)
+        start_s, end_s = first / fps_in, (last + 1) / fps_in
+        meta = {
+            "clip_id": str(uuid.uuid5(CLIP_NAMESPACE, f"{source.source_id}:{first}:{last}")),
+            "source": {k: v for k, v in source.meta["source"].items() if k != "mtime_ns"},
+            "span": {**span, "start_s": start_s, "end_s": end_s},
+            "caption": caption_for_span(source.meta.get("input_metadata"), start_s, end_s),
+            "provenance": dict(source.meta.get("provenance", {})),
+            "warnings": list(source.meta.get("warnings", [])),
+            "timings": dict(source.meta.get("timings", {})),
+        }
+        return Record(
+            kind="clip",
+            source_path=source.source_path,
+            key=key,
+            source_id=source.source_id,
+            clips_planned=source.clips_planned,
+            meta=meta,
+        )
+
+    def _extract(self, source: Record) -> list[Record]:
+        cfg = self.config.clips
+        info = source.meta["source"]["probe"]
+        fps_in = info["fps"]
+        fps_out = min(cfg.fps, fps_in) if cfg.fps else fps_in
+        size = fit_size(info["width"], info["height"], cfg.max_short_side)
+        limits = self.config.limits
+        if size[0] > limits.max_width or size[1] > limits.max_height:
+            size = fit_size(size[0], size[1], None, max(limits.max_width, limits.max_height))
+        clips = [self._new_clip(source, span, fps_in) for span in source.meta["clip_plan"]]
+        plans = [
+            output_frame_sources(c.meta["span"]["first_frame"], c.meta["span"]["last_frame"], fps_in, fps_out)
+            for c in clips
+        ]
+        waiting = list(range(len(clips)))  # clip indices in start order (plans are sorted and disjoint)
+        opened: dict[int, _OpenClip] = {}
+        index = -1
+        try:
+            for index, frame in enumerate(iter_frames(source.source_path, size=size)):
+                while waiting and plans[waiting[0]][0] <= index:
+                    i = waiting.pop(0)
+                    opened[i] = _OpenClip(clips[i], plans[i], size, fps_out, cfg)
+                for i in list(opened):
+                    opened[i].feed(index, frame)
+                    if opened[i].complete:
+                        self._finish(opened.pop(i), size, fps_out)
+                if not waiting and not opened:
+                    break  # nothing left to cut: stop decoding early
+        except VideoError as exc:
+            for i in list(opened):
+                opened.pop(i).encoder.close()
+                clips[i].fail(self.name, exc.reason, exc.message)
+        for i in list(opened):
+            opened.pop(i).encoder.close()
+            clips[i].fail(self.name, "truncated", f"{source.source_path}: the video ended at frame {index} inside this clip")
+        for i in waiting:
+            clips[i].fail(self.name, "truncated", f"{source.source_path}: the video ended at frame {index} before this clip")
+        return clips
+
+    def _finish(self, clip: _OpenClip, size, fps_out: float) -> None:
+        record = clip.record
+        record.put_bytes("mp4", clip.encoder.finish())
+        record.blobs["keyframes"] = np.stack([clip.keyframes[i] for i in sorted(clip.keyframes)])
+        record.meta["clip"] = {
+            "width": size[0],
+            "height": size[1],
+            "fps": fps_out,
+            "num_frames": clip.encoder.frames,
+            "duration_s": clip.encoder.frames / fps_out,
+            "codec": "h264",
+        }
+        record.meta["keyframes"] = [
+            {"at": clip.keyframe_at[i], "frame": i} for i in sorted(clip.keyframes)
+        ]
+        record.meta["provenance"][self.name] = f"pyav libx264 crf={self.config.clips.crf} preset={self.config.clips.preset}"
