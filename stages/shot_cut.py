@@ -57,6 +57,7 @@ def detect_content_cuts(frames: Iterator[np.ndarray], fps: float, threshold: flo
     from scenedetect import ContentDetector, FrameTimecode
 
     detector = ContentDetector(threshold=threshold)
+    fps = float(fps)  # FrameTimecode rejects int rates
     cuts: list[int] = []
     count = 0
     for count, frame in enumerate(frames, 1):

@@ -1,0 +1,91 @@
+"""Shared fixtures: a small demo corpus (real photos, real H.264) and a folder of bad inputs."""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+from skimage import data
+
+from pipeline.demo_data import build_demo_corpus
+from pipeline.video import encode_video
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory) -> Path:
+    """Two multi-shot demo videos with ground-truth cuts and per-shot captions."""
+    out = tmp_path_factory.mktemp("demo")
+    build_demo_corpus(out, videos=2, seed=0)
+    return out
+
+
+def moving_frames(n: int, width: int = 320, height: int = 180, image=None):
+    """A slow pan over a real photo: frames with texture and motion, not flat colours."""
+    image = data.astronaut() if image is None else image
+    big = cv2.resize(image, (width + n, height + n // 2))
+    for i in range(n):
+        yield np.ascontiguousarray(big[i // 2 : i // 2 + height, i : i + width])
+
+
+def write_faststart_mp4(path: Path, frames, fps: int = 24) -> None:
+    """An mp4 with its index at the front, so a truncated copy still decodes up to the cut."""
+    container = av.open(str(path), mode="w", format="mp4", options={"movflags": "faststart"})
+    stream = None
+    for i, rgb in enumerate(frames):
+        if stream is None:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = rgb.shape[1], rgb.shape[0], "yuv420p"
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts, frame.time_base = i, Fraction(1, fps)
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+
+
+def write_audio_only(path: Path, seconds: float = 1.0, rate: int = 16000) -> None:
+    container = av.open(str(path), mode="w", format="mp4")
+    stream = container.add_stream("aac", rate=rate)
+    stream.layout = "mono"
+    samples = np.sin(np.linspace(0, 440 * 2 * np.pi * seconds, int(rate * seconds))).astype(np.float32)
+    for start in range(0, len(samples) - 1024, 1024):
+        frame = av.AudioFrame.from_ndarray(samples[None, start : start + 1024], format="fltp", layout="mono")
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+
+
+@pytest.fixture(scope="session")
+def bad_inputs(tmp_path_factory) -> dict[str, Path]:
+    """One file per kind of bad input the pipeline must survive, plus one good video."""
+    d = tmp_path_factory.mktemp("bad")
+    files = {name: d / f"{name}.mp4" for name in
+             ["zero_bytes", "text", "jpeg", "audio_only", "truncated_head", "truncated_tail", "three_frames", "huge", "good"]}
+    files["zero_bytes"].write_bytes(b"")
+    files["text"].write_text("this is not a video\n" * 20)
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    files["jpeg"].write_bytes(jpeg.tobytes())
+    write_audio_only(files["audio_only"])
+    # Index at the end (our encoder's default): cutting the file loses the index, nothing can be decoded.
+    encode_video(str(files["truncated_tail"]), moving_frames(96), fps=24)
+    whole = files["truncated_tail"].read_bytes()
+    files["truncated_tail"].write_bytes(whole[: len(whole) // 2])
+    # Index at the front: cutting the file keeps the frames before the cut decodable.
+    full = d / "full.bin"
+    write_faststart_mp4(full, moving_frames(120))
+    whole = full.read_bytes()
+    files["truncated_head"].write_bytes(whole[: int(len(whole) * 0.6)])
+    full.unlink()
+    encode_video(str(files["three_frames"]), moving_frames(3), fps=24)
+    encode_video(str(files["huge"]), moving_frames(10, width=4096, height=2304), fps=24, preset="ultrafast")
+    encode_video(str(files["good"]), moving_frames(72), fps=24)
+    return files
