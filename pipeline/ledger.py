@@ -1,9 +1,12 @@
 """The commit log of an output directory (OUT/ledger.jsonl): the single source of truth for resume.
 
-Entries are appended and fsynced in commit order:
-  {"type": "shard", "shard": "shards/train-000003.tar", "nsamples", "bytes", "sha256", "keys": [...]}
+Entries are appended and fsynced in commit order, one JSON object per line:
+  {"type": "shard", "shard": "shards/train-000003.tar", "nsamples", "bytes", "sha256", "keys": [...],
+   "sources": [<source entry>, ...]}                  -- the sources whose last sample is in this shard
   {"type": "source", "path", "source_id", "size", "mtime_ns", "status", "samples": [...], "clips": [...],
-   "errors": [...]}                                   -- written only after every shard holding its samples
+   "errors": [...]}                                   -- a source without samples (rejected, all dropped)
+A shard and the sources it completes commit in one line, so no crash can leave a committed shard holding a
+sample whose source the next run would redo.
   {"type": "duplicate", "path", "source_id", ...}   -- a file whose content an earlier source already had
   {"type": "run", ...}                                -- one per finished run: wall time and throughput
 A source is committed when its entry is in the log. Everything else on disk (temporary shards, shards without
@@ -53,6 +56,8 @@ class Ledger:
             kind = entry.get("type")
             if kind == "shard":
                 state.shards[entry["shard"]] = entry
+                for source in entry.get("sources", []):
+                    state.sources[source["source_id"]] = source
             elif kind == "source":
                 state.sources[entry["source_id"]] = entry
             elif kind == "duplicate":
@@ -93,18 +98,26 @@ class Ledger:
                 if rel not in state.shards:
                     path.unlink()
         if orphaned or self._has_torn_line():
-            self._rewrite(state)
+            self._rewrite(set(orphaned))
         return state
 
     def _has_torn_line(self) -> bool:
         return self.path.exists() and self.path.stat().st_size > 0 and not self._ends_with_newline()
 
-    def _rewrite(self, state: LedgerState) -> None:
-        entries = [*state.shards.values(), *state.sources.values(), *state.duplicates.values(), *state.runs]
+    def _rewrite(self, drop_shards: set[str]) -> None:
+        """Rewrite the log without torn lines and without the entries of removed shards."""
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if entry.get("type") == "shard" and entry["shard"] in drop_shards:
+                continue
+            kept.append(line + "\n")
         tmp = self.path.with_suffix(".jsonl.tmp")
         with open(tmp, "w") as f:
-            for entry in entries:
-                f.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            f.writelines(kept)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)

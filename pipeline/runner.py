@@ -142,12 +142,16 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
     stages = [cls(config) for cls in FLOW]
     counts = {"sources": 0, "clips": 0, "samples": 0, "video_s": 0.0}
     started_ray = False
+    cpus = 1.0  # sequential mode uses one core
     try:
         records = source_records(todo, metadata)
         if sequential or not records:
             stream = run_sequential(records, stages)
         else:
             started_ray = _connect_ray(config)
+            import ray
+
+            cpus = float(ray.cluster_resources().get("CPU", 1.0))
             stream = (r for batch in build_dataset(records, stages, config).iter_batches(batch_size=None, batch_format="pyarrow")
                       for r in table_to_records(batch))
         progress = Progress(
@@ -188,7 +192,6 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
         input_errors.append({"source": path, "stage": "runner", "reason": "incomplete",
                              "message": f"{len(group)} of {group[0].clips_planned} clips came back; rerun to retry"})
     wall = time.time() - started
-    cpus = _cluster_cpus(started_ray or sequential, config)
     run = {
         "type": "run",
         "run": run_id,
@@ -205,9 +208,3 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
     ledger.append(run)
     state = ledger.read()
     return write_outputs(out, state, input_errors)
-
-
-def _cluster_cpus(ray_was_used: bool, config: RunConfig) -> float:
-    if config.ray.num_cpus:
-        return float(config.ray.num_cpus)
-    return float(os.cpu_count() or 1)

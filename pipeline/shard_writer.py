@@ -1,7 +1,7 @@
 """The one shard writer: webdataset's ShardWriter, committing whole sources through the ledger.
 
 A source's samples are written together. A shard is written under a `.tmp` name, renamed when complete, and
-its ledger entry is followed by the entries of the sources whose last sample it holds. A source starts in a
+committed by one ledger line that also carries the entries of the sources whose last sample it holds. A source starts in a
 fresh shard when it does not fit the current one, so a shard can hold part of an uncommitted source only when
 that source alone fills it (and `Ledger.recover` removes such shards).
 """
@@ -100,12 +100,11 @@ class ShardSink:
                 "bytes": os.path.getsize(final),
                 "sha256": file_sha256(final),
                 "keys": keys,
+                "sources": self._pending_sources,
             }
         )
+        self._pending_sources = []
         self.shards_written += 1
-        sources, self._pending_sources = self._pending_sources, []
-        for entry in sources:
-            self.ledger.append(entry)
 
     def close(self) -> None:
         if self._writer is not None:
