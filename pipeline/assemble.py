@@ -63,7 +63,8 @@ def sample_metadata(record: Record, config_hash: str) -> dict:
     return {
         "key": record.key,
         "clip_id": meta["clip_id"],
-        "source": meta["source"],
+        # mtime is a fact about a file on one machine, not about the clip: keep it out of the sample.
+        "source": {k: v for k, v in meta["source"].items() if k != "mtime_ns"},
         "span": meta["span"],
         "clip": meta["clip"],
         "keyframes": meta.get("keyframes", []),

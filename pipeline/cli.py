@@ -75,7 +75,6 @@ def curate_run(config_path, inputs, metadata, output, overrides, address, sequen
     """
     from pipeline.config import load_config
     from pipeline.runner import curate as run_curation
-    from pipeline.stats import print_stats, shard_stats
 
     extra = list(overrides)
     config = load_config(config_path, extra)
@@ -86,8 +85,13 @@ def curate_run(config_path, inputs, metadata, output, overrides, address, sequen
         config.ray.address = address
     if not config.input.paths:
         raise UserError("no inputs: pass --input PATH (file, directory or glob) or set input.paths in the config")
-    run_curation(config, output, console=err_console, sequential=sequential)
-    print_stats(shard_stats(output), Console())
+    summary = run_curation(config, output, console=err_console, sequential=sequential)
+    run = summary["last_run"]
+    err_console.print(
+        f"[bold green]done[/]: {run['sources']} sources -> {run['samples']} samples in {run['wall_s']:.1f} s "
+        f"({run['clips_per_s']:.2f} clips/s); {summary['samples']} samples in {summary['shards']} shards in total. "
+        f"Details: s2v shards stats {output}"
+    )
 
 
 @main.group()

@@ -78,13 +78,20 @@ def caption_for_span(entry: dict | None, start_s: float, end_s: float) -> dict |
 
 
 def source_records(paths: list[str], metadata: dict[str, dict]) -> list[Record]:
-    """One source record per input file; metadata travels with the record so workers need no shared state."""
+    """One source record per input file; metadata travels with the record so workers need no shared state.
+
+    Metadata matches a video by its resolved path, else by file name when that name is unique in the metadata
+    (so a corpus copied elsewhere keeps its captions)."""
+    names: dict[str, list[dict]] = {}
+    for key, entry in metadata.items():
+        names.setdefault(Path(key).name, []).append(entry)
     records = []
     for path in paths:
         stat = os.stat(path)
         record = Record(kind="source", source_path=path, key="")
         record.meta["source"] = {"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-        entry = metadata.get(str(Path(path).resolve()))
+        same_name = names.get(Path(path).name, [])
+        entry = metadata.get(str(Path(path).resolve())) or (same_name[0] if len(same_name) == 1 else None)
         if entry:
             record.meta["input_metadata"] = entry
         records.append(record)

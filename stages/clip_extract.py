@@ -75,7 +75,7 @@ class ClipExtractor(Stage):
         start_s, end_s = first / fps_in, (last + 1) / fps_in
         meta = {
             "clip_id": str(uuid.uuid5(CLIP_NAMESPACE, f"{source.source_id}:{first}:{last}")),
-            "source": {k: v for k, v in source.meta["source"].items() if k != "mtime_ns"},
+            "source": dict(source.meta["source"]),
             "span": {**span, "start_s": start_s, "end_s": end_s},
             "caption": caption_for_span(source.meta.get("input_metadata"), start_s, end_s),
             "provenance": dict(source.meta.get("provenance", {})),

@@ -1,0 +1,165 @@
+"""End to end through the `s2v` command on a local Ray: real videos in, real WebDataset shards out."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipeline.shard_writer import file_sha256
+
+S2V = [sys.executable, "-m", "pipeline.cli"]
+QUIET = ["--set", "ray.progress=false", "--set", "ray.num_cpus=2"]
+
+
+def s2v(*args, check=True, timeout=600):
+    proc = subprocess.run([*S2V, *args], capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def read_shards(out: Path) -> list[dict]:
+    index = json.loads((out / "index.json").read_text())
+    urls = [str(out / e["url"]) for e in index["shardlist"]]
+    return list(wds.WebDataset(urls, shardshuffle=False)) if urls else []
+
+
+@pytest.fixture(scope="module")
+def inputs(demo_corpus, bad_inputs, tmp_path_factory) -> Path:
+    """The demo videos and every bad input in one directory tree."""
+    root = tmp_path_factory.mktemp("inputs")
+    shutil.copytree(demo_corpus / "videos", root / "demo")
+    shutil.copytree(bad_inputs["good"].parent, root / "bad")
+    shutil.copy(bad_inputs["good"], root / "bad" / "good_copy.mp4")  # same bytes under another name
+    return root
+
+
+@pytest.fixture(scope="module")
+def curated(inputs, demo_corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "out"
+    proc = s2v("curate", "run", "--config", "configs/quickstart.yaml", "--input", str(inputs),
+               "--metadata", str(demo_corpus / "metadata.jsonl"), "--output", str(out), *QUIET)
+    assert "Traceback" not in proc.stderr
+    return out
+
+
+def test_shards_read_back_with_upstream_webdataset(curated):
+    index = json.loads((curated / "index.json").read_text())
+    samples = read_shards(curated)
+    assert len(samples) == index["total_samples"] > 0
+    assert sum(e["nsamples"] for e in index["shardlist"]) == len(samples)
+    for entry in index["shardlist"]:
+        assert file_sha256(curated / entry["url"]) == entry["sha256"]
+        assert (curated / entry["url"]).stat().st_size == entry["filesize"]
+    keys = [s["__key__"] for s in samples]
+    assert len(set(keys)) == len(keys)
+    manifest = pq.read_table(curated / "manifest.parquet").to_pylist()
+    assert sorted(keys) == [row["key"] for row in manifest]
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        assert sample["mp4"][4:8] == b"ftyp"
+        assert meta["key"] == sample["__key__"]
+        assert meta["provenance"]["config_hash"] and meta["provenance"]["stages"]["shot_cut"].startswith("pyscenedetect")
+        assert meta["span"]["end_s"] > meta["span"]["start_s"]
+    assert not list(curated.rglob("*.tmp"))
+
+
+def test_manifest_columns_and_captions(curated):
+    manifest = pq.read_table(curated / "manifest.parquet")
+    for column in ("key", "shard", "source", "start_s", "end_s", "fps", "width", "height"):
+        assert column in manifest.column_names
+    rows = manifest.to_pylist()
+    demo_rows = [r for r in rows if "/demo/" in r["source"]]
+    assert demo_rows and all(r["caption"] for r in demo_rows)  # from the metadata file
+    assert all(r["fps"] == 24.0 and min(r["width"], r["height"]) <= 360 for r in rows)
+
+
+def test_every_bad_input_is_recorded_and_the_good_one_curated(curated, inputs):
+    errors = pq.read_table(curated / "errors.parquet").to_pylist()
+    by_file = {Path(e["source"]).stem: e for e in errors}
+    expected = {"zero_bytes": "empty_file", "text": "not_a_video", "jpeg": "not_a_video",
+                "audio_only": "no_video_stream", "truncated_tail": "not_a_video",
+                "three_frames": "too_few_frames", "huge": "too_large"}
+    for name, reason in expected.items():
+        assert by_file[name]["reason"] == reason and by_file[name]["stage"] == "probe", by_file.get(name)
+        assert by_file[name]["message"]
+    sources = {Path(r["source"]).stem for r in pq.read_table(curated / "manifest.parquet").to_pylist()}
+    assert "good" in sources
+    summary = json.loads((curated / "summary.json").read_text())
+    probe_step = next(s for s in summary["funnel"] if s["stage"] == "probe")
+    assert sum(probe_step["removed"].values()) == len(expected)
+    assert summary["duplicates"] == 1  # good_copy.mp4 has the same content as good.mp4: curated once
+
+
+def test_summary_funnel_adds_up(curated):
+    summary = json.loads((curated / "summary.json").read_text())
+    steps = summary["funnel"]
+    for step in steps:
+        if step["stage"] not in ("clip_plan", "write"):
+            assert step["in"] - step["out"] == sum(step["removed"].values()), step
+    assert steps[-1]["out"] == summary["samples"]
+    run = summary["last_run"]
+    assert run["clips_per_s"] > 0 and run["video_hours_per_day_per_core"] > 0 and run["cpus"] == 2
+
+
+def test_rerun_skips_committed_sources_and_duplicates_nothing(curated, inputs, demo_corpus):
+    before = sorted(s["__key__"] for s in read_shards(curated))
+    proc = s2v("curate", "run", "--config", "configs/quickstart.yaml", "--input", str(inputs),
+               "--metadata", str(demo_corpus / "metadata.jsonl"), "--output", str(curated), *QUIET)
+    assert "0 to process" in proc.stderr
+    assert sorted(s["__key__"] for s in read_shards(curated)) == before
+
+
+def test_stats_json_and_table(curated):
+    stats = json.loads(s2v("shards", "stats", str(curated), "--json").stdout)
+    assert stats["samples"] == json.loads((curated / "summary.json").read_text())["samples"]
+    assert stats["durations_s"]["min"] >= 2.0
+    table = s2v("shards", "stats", str(curated)).stdout
+    assert "Funnel" in table and "quality_filter" in table
+
+
+def test_killed_run_resumes_to_the_same_sample_set(curated, inputs, demo_corpus, tmp_path):
+    out = tmp_path / "killed"
+    args = [*S2V, "curate", "run", "--config", "configs/quickstart.yaml", "--input", str(inputs),
+            "--metadata", str(demo_corpus / "metadata.jsonl"), "--output", str(out), *QUIET,
+            "--set", "output.shard_max_samples=1"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ledger = out / "ledger.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ledger.exists() and '"type":"shard"' in ledger.read_text():
+            break
+        time.sleep(0.05)
+    # Kill the driver and the Ray processes it started (same session), as a crash or Ctrl-\ would.
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert '"type":"run"' not in ledger.read_text(), "the run finished before it could be killed"
+    s2v(*args[len(S2V):])
+    assert sorted(s["__key__"] for s in read_shards(out)) == sorted(s["__key__"] for s in read_shards(curated))
+
+
+def test_config_errors_are_one_clear_line(tmp_path):
+    proc = s2v("curate", "run", "--input", str(tmp_path), "--output", str(tmp_path / "o"),
+               "--set", "shots.backend=magic", check=False)
+    assert proc.returncode == 2
+    assert "shots.backend" in proc.stderr and "transnetv2" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shots_command_prints_cuts_as_json(demo_corpus):
+    truth = json.loads((demo_corpus / "ground_truth.json").read_text())
+    name = sorted(truth)[0]
+    result = json.loads(s2v("shots", str(demo_corpus / "videos" / name), "--json").stdout)
+    assert result["fps"] == truth[name]["fps"]
+    assert len(result["cuts"]) == len(truth[name]["cuts"])
+    assert all(abs(a - b) <= 2 for a, b in zip(result["cuts"], truth[name]["cuts"]))
+    assert result["shots"][0][0] == 0 and result["shots"][-1][1] == truth[name]["num_frames"] - 1
