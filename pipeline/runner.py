@@ -26,7 +26,7 @@ from pipeline.ledger import Ledger
 from pipeline.outputs import write_outputs
 from pipeline.record import Record, table_to_records
 from pipeline.shard_writer import ShardSink
-from pipeline.stage import Stage, named_actor_class, named_task_fn, run_stage
+from pipeline.stage import Stage, limit_threads, named_actor_class, named_task_fn, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ def _check_config(out: Path, config: RunConfig) -> None:
     (out / "config.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
 
 
-def _connect_ray(config: RunConfig) -> bool:
-    """Join the configured cluster, or start an embedded local Ray. Returns True when we started it."""
+def connect_ray(config: RunConfig) -> bool:
+    """Join the configured cluster, or start an embedded local Ray. Returns True when this call started it."""
     import ray
 
     if ray.is_initialized():
@@ -54,8 +54,8 @@ def _connect_ray(config: RunConfig) -> bool:
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
-        return True
-    ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     return True
 
 
@@ -75,8 +75,13 @@ def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig)
     import ray
 
     config_json = config.model_dump_json()
+    groups = fuse(stages)
+    if len(groups) == 1:
+        # A single operator needs no per-operator reservation; with it on, Ray Data starts one task and waits to
+        # learn output sizes before starting the next, which idles a small machine for seconds.
+        ray.data.DataContext.get_current().op_resource_reservation_enabled = False
     ds = ray.data.from_items([r.to_row() for r in records], override_num_blocks=max(1, len(records)))
-    for group in fuse(stages):
+    for group in groups:
         classes = [type(s) for s in group]
         res = [s.resources for s in group]
         kwargs = dict(
@@ -104,7 +109,8 @@ def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig)
 
 
 def run_sequential(records: list[Record], stages: list[Stage]):
-    """The same flow in this process, one record at a time (for benchmarks and debugging)."""
+    """The same flow in this process, one record at a time, on one core (for benchmarks and debugging)."""
+    limit_threads(1)
     for stage in stages:
         stage.setup()
     for record in records:
@@ -144,11 +150,13 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
     started_ray = False
     cpus = 1.0  # sequential mode uses one core
     try:
+        # Largest files first: a long video scheduled last would leave the other workers idle at the end.
+        todo.sort(key=lambda p: -os.path.getsize(p))
         records = source_records(todo, metadata)
         if sequential or not records:
             stream = run_sequential(records, stages)
         else:
-            started_ray = _connect_ray(config)
+            started_ray = connect_ray(config)
             import ray
 
             cpus = float(ray.cluster_resources().get("CPU", 1.0))

@@ -63,6 +63,14 @@ def run_stage(stage: Stage, records: list[Record]) -> list[Record]:
     return done + out
 
 
+def limit_threads(num_cpus: float) -> None:
+    """Keep native libraries to the cores a worker was given. Ray runs one worker per core; OpenCV's default
+    pool (one thread per machine core) in every worker would oversubscribe the machine and slow all of them."""
+    import cv2
+
+    cv2.setNumThreads(max(1, int(num_cpus)))
+
+
 class StageWorker:
     """Ray Data entry point: builds its stages once per worker (task process or actor) and runs them in order
     on each Arrow batch. Consecutive stateless stages share one worker, so a source is decoded, cut and
@@ -71,6 +79,7 @@ class StageWorker:
     def __init__(self, stage_classes: list[type[Stage]], config_json: str):
         config = RunConfig.model_validate_json(config_json)
         self.stages = [cls(config) for cls in stage_classes]
+        limit_threads(max(s.resources.num_cpus for s in self.stages))
         for stage in self.stages:
             stage.setup()
 

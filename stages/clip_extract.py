@@ -80,7 +80,8 @@ class ClipExtractor(Stage):
             "caption": caption_for_span(source.meta.get("input_metadata"), start_s, end_s),
             "provenance": dict(source.meta.get("provenance", {})),
             "warnings": list(source.meta.get("warnings", [])),
-            "timings": dict(source.meta.get("timings", {})),
+            # Each clip carries its share of the source-level work, so sums over clips stay true.
+            "timings": {k: v / source.clips_planned for k, v in source.meta.get("timings", {}).items()},
         }
         return Record(
             kind="clip",
