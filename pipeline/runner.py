@@ -59,6 +59,11 @@ def connect_ray(config: RunConfig) -> bool:
     return True
 
 
+def _file_identity(path: str) -> tuple[str, int, int]:
+    stat = os.stat(path)
+    return path, stat.st_size, stat.st_mtime_ns
+
+
 def fuse(stages: list[Stage]) -> list[list[Stage]]:
     """Consecutive stateless stages form one group (one Ray task); each model stage is a group of its own."""
     groups: list[list[Stage]] = []
@@ -135,7 +140,7 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
     paths, input_errors = list_inputs(config.input.paths, config.input.extensions)
     metadata = load_metadata(config.input.metadata) if config.input.metadata else {}
     committed = state.committed_files()
-    todo = [p for p in paths if (p, os.stat(p).st_size, os.stat(p).st_mtime_ns) not in committed]
+    todo = [p for p in paths if _file_identity(p) not in committed]
     console.print(
         f"[bold]s2v curate[/]: {len(paths)} input videos, {len(paths) - len(todo)} already committed, "
         f"{len(todo)} to process -> {out}"

@@ -32,6 +32,8 @@ class Prober(Stage):
             try:
                 record.source_id = content_id(record.source_path)
             except OSError as exc:
+                # No content to hash: an id from the path keeps this failure distinct from other unreadable files.
+                record.source_id = "path-" + hashlib.sha256(record.source_path.encode()).hexdigest()
                 record.fail(self.name, "unreadable", f"{record.source_path}: cannot read ({exc.strerror})")
                 continue
             record.key = record.source_id[:16]

@@ -74,6 +74,14 @@ def test_shards_read_back_with_upstream_webdataset(curated):
     assert not list(curated.rglob("*.tmp"))
 
 
+def test_index_is_readable_by_wids(curated, tmp_path):
+    import wids
+
+    dataset = wids.ShardListDataset(str(curated / "index.json"), cache_dir=str(tmp_path / "wids"))
+    keys = {dataset[i]["__key__"] for i in range(len(dataset))}
+    assert keys == {s["__key__"] for s in read_shards(curated)}
+
+
 def test_manifest_columns_and_captions(curated):
     manifest = pq.read_table(curated / "manifest.parquet")
     for column in ("key", "shard", "source", "start_s", "end_s", "fps", "width", "height"):
