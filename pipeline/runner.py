@@ -141,6 +141,8 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
     metadata = load_metadata(config.input.metadata) if config.input.metadata else {}
     committed = state.committed_files()
     todo = [p for p in paths if _file_identity(p) not in committed]
+    for problem in input_errors:
+        console.print(f"[yellow]warning[/]: {problem['message']} (recorded in errors.parquet)")
     console.print(
         f"[bold]s2v curate[/]: {len(paths)} input videos, {len(paths) - len(todo)} already committed, "
         f"{len(todo)} to process -> {out}"
