@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 
-from pipeline.config import StageResources
 from pipeline.record import Record
 from pipeline.stage import Stage
 from pipeline.video import VideoError, probe
@@ -22,9 +21,6 @@ def content_id(path: str, chunk: int = 1 << 20) -> str:
 class Prober(Stage):
     name = "probe"
 
-    @property
-    def resources(self) -> StageResources:
-        return StageResources(num_cpus=1.0, memory_gb=0.25, batch_size=1)
 
     def process(self, records: list[Record]) -> list[Record]:
         limits = self.config.limits

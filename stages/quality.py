@@ -8,7 +8,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from pipeline.config import QualityFilterConfig, StageResources
+from pipeline.config import QualityFilterConfig
 from pipeline.record import Record
 from pipeline.stage import Stage
 
@@ -42,9 +42,6 @@ def quality_decision(stats: dict, cfg: QualityFilterConfig) -> str | None:
 class QualityStats(Stage):
     name = "quality_stats"
 
-    @property
-    def resources(self) -> StageResources:
-        return StageResources(num_cpus=1.0, memory_gb=0.25, batch_size=8)
 
     def process(self, records: list[Record]) -> list[Record]:
         for record in records:
@@ -55,9 +52,6 @@ class QualityStats(Stage):
 class QualityFilter(Stage):
     name = "quality_filter"
 
-    @property
-    def resources(self) -> StageResources:
-        return StageResources(num_cpus=1.0, memory_gb=0.25, batch_size=8)
 
     def process(self, records: list[Record]) -> list[Record]:
         cfg = self.config.filters.quality
