@@ -21,7 +21,6 @@ def content_id(path: str, chunk: int = 1 << 20) -> str:
 class Prober(Stage):
     name = "probe"
 
-
     def process(self, records: list[Record]) -> list[Record]:
         limits = self.config.limits
         for record in records:

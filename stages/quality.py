@@ -42,7 +42,6 @@ def quality_decision(stats: dict, cfg: QualityFilterConfig) -> str | None:
 class QualityStats(Stage):
     name = "quality_stats"
 
-
     def process(self, records: list[Record]) -> list[Record]:
         for record in records:
             record.meta.setdefault("stats", {})["quality"] = quality_stats(record.blobs["keyframes"])
@@ -51,7 +50,6 @@ class QualityStats(Stage):
 
 class QualityFilter(Stage):
     name = "quality_filter"
-
 
     def process(self, records: list[Record]) -> list[Record]:
         cfg = self.config.filters.quality
