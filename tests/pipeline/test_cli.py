@@ -171,3 +171,34 @@ def test_shots_command_prints_cuts_as_json(demo_corpus):
     assert len(result["cuts"]) == len(truth[name]["cuts"])
     assert all(abs(a - b) <= 2 for a, b in zip(result["cuts"], truth[name]["cuts"]))
     assert result["shots"][0][0] == 0 and result["shots"][-1][1] == truth[name]["num_frames"] - 1
+
+
+def test_runs_on_an_existing_cluster_given_by_address(tmp_path, bad_inputs):
+    """`--address` joins a running Ray cluster (a head started here on loopback) instead of starting one."""
+    env = dict(os.environ, RAY_AUTH_MODE="token")  # CLI clients of a token-auth cluster need this (environment.md)
+    log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address=127.0.0.2",
+         "--num-cpus=3", "--port=6397", "--dashboard-host=127.0.0.1", "--dashboard-port=8297",
+         "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while "Ray runtime started" not in (tmp_path / "head.log").read_text():
+            assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-2000:]
+            time.sleep(0.2)
+        out = tmp_path / "out"
+        proc = subprocess.run([*S2V, "curate", "run", "--input", str(bad_inputs["good"]), "--output", str(out),
+                               "--address", "127.0.0.2:6397", "--set", "ray.progress=false"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert len(read_shards(out)) == summary["samples"] > 0
+        # The head offers 3 CPUs, the machine has 2: the job saw the cluster, not an embedded Ray of its own.
+        assert summary["last_run"]["cpus"] == 3
+    finally:
+        # The head and every Ray process it started share its session: end exactly those.
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        log.close()
