@@ -55,7 +55,9 @@ def connect_ray(config: RunConfig) -> bool:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        # address="local" always starts a fresh embedded Ray: plain ray.init() would attach to whatever cluster a
+        # `ray start` left recorded on this machine (even a dead one, and then hang).
+        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     return True
 
 

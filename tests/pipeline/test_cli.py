@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -177,8 +178,12 @@ def test_runs_on_an_existing_cluster_given_by_address(tmp_path, bad_inputs):
     """`--address` joins a running Ray cluster (a head started here on loopback) instead of starting one."""
     env = dict(os.environ, RAY_AUTH_MODE="token")  # CLI clients of a token-auth cluster need this (environment.md)
     log = open(tmp_path / "head.log", "w")
+    # A short temp dir of its own (Unix socket paths are limited to ~107 bytes) keeps this cluster out of the
+    # machine's /tmp/ray/ray_current_cluster record.
+    ray_tmp = tempfile.mkdtemp(prefix="s2vray", dir="/tmp")
     head = subprocess.Popen(
         [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address=127.0.0.2",
+         f"--temp-dir={ray_tmp}",
          "--num-cpus=3", "--port=6397", "--dashboard-host=127.0.0.1", "--dashboard-port=8297",
          "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -202,3 +207,4 @@ def test_runs_on_an_existing_cluster_given_by_address(tmp_path, bad_inputs):
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
         log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
