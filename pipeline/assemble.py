@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline import __version__
+from pipeline.inputs import path_id
 from pipeline.record import Record
 from pipeline.shard_writer import sample_json
 
@@ -87,7 +88,8 @@ def assemble_source(records: list[Record], config_hash: str, run_id: str) -> tup
     entry: dict = {
         "type": "source",
         "path": first.source_path,
-        "source_id": first.source_id,
+        # A record that failed before probing finished has no content id: fall back to one from its path.
+        "source_id": first.source_id or path_id(first.source_path),
         "size": src.get("size"),
         "mtime_ns": src.get("mtime_ns"),
         "duration_s": probe.get("duration_s", 0.0),
@@ -96,12 +98,16 @@ def assemble_source(records: list[Record], config_hash: str, run_id: str) -> tup
         "clips": [],
         "errors": [],
         "timings": {},
+        "warnings": [],
     }
     samples = []
     for record in sorted(records, key=lambda r: r.key):
         status, stage, reason = _status(record)
         for error in record.errors:
             entry["errors"].append({"source": record.source_path, "key": record.key, **error})
+        for warning in record.meta.get("warnings", []):
+            if warning not in entry["warnings"]:
+                entry["warnings"].append(warning)
         for name, seconds in record.meta.get("timings", {}).items():
             entry["timings"][name] = entry["timings"].get(name, 0.0) + seconds
         if record.kind == "source":

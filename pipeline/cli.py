@@ -122,7 +122,7 @@ def shards_stats(out_dirs, as_json):
 @click.argument("video", type=click.Path(exists=True, dir_okay=False))
 @click.option("--backend", type=click.Choice(["pyscenedetect", "transnetv2"]), default="pyscenedetect", show_default=True)
 @click.option("--threshold", type=float, help="Detector threshold (default: 27 content score / 0.5 probability).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the default output form).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (always the output form; kept for scripts).")
 @_user_errors
 def shots(video, backend, threshold, as_json):
     """Detect the shots of one VIDEO: prints {fps, cuts, shots} as JSON.
@@ -134,7 +134,7 @@ def shots(video, backend, threshold, as_json):
     from pipeline.video import probe
     from stages.shot_cut import ShotCutter, shots_from_cuts
 
-    overrides = [f"shots.backend={backend}"] + ([f"shots.threshold={threshold}"] if threshold else [])
+    overrides = [f"shots.backend={backend}"] + ([f"shots.threshold={threshold}"] if threshold is not None else [])
     cutter = ShotCutter(build_config({}, overrides))
     cutter.setup()
     info = probe(video)

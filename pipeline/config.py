@@ -67,14 +67,28 @@ class ClipsConfig(_Section):
     fps: float | None = Field(None, gt=0, description="null = keep the source frame rate")
     crf: int = Field(23, ge=0, le=51)
     preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"] = "veryfast"
-    keyframes: list[float] = Field(default_factory=lambda: [0.05, 0.5, 0.95])
+    keyframes: list[float] = Field(default_factory=lambda: [0.05, 0.5, 0.95], min_length=1,
+                                   description="positions in the clip (0..1) of the frames kept for image stages")
     resources: StageResources = Field(default_factory=lambda: StageResources(memory_gb=1.0))
+
+    @model_validator(mode="after")
+    def _check_keyframes(self):
+        outside = [p for p in self.keyframes if not 0.0 <= p <= 1.0]
+        if outside:
+            raise ValueError(f"keyframes are positions within the clip and must lie in [0, 1] (got {outside})")
+        return self
 
 
 class QualityFilterConfig(_Section):
     min_brightness: float = Field(25.0, ge=0, le=255, description="mean luma of the keyframes")
     max_brightness: float = Field(235.0, ge=0, le=255)
     min_sharpness: float = Field(20.0, ge=0, description="median variance of the Laplacian over the keyframes")
+
+    @model_validator(mode="after")
+    def _check_range(self):
+        if self.min_brightness > self.max_brightness:
+            raise ValueError(f"min_brightness ({self.min_brightness}) must be <= max_brightness ({self.max_brightness})")
+        return self
 
 
 class FiltersConfig(_Section):
@@ -103,8 +117,13 @@ class RunConfig(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
 
     def hash(self) -> str:
-        """Hash of everything that shapes the samples (not where inputs come from or where Ray runs)."""
-        data = self.model_dump(mode="json", exclude={"input", "ray"})
+        """Hash of everything that shapes the samples: not where inputs come from, where or how wide Ray runs,
+        nor how samples are packed into shards, so a resume may move to a bigger cluster."""
+        data = self.model_dump(
+            mode="json",
+            exclude={"input": True, "ray": True, "output": {"shard_max_samples", "shard_max_mb"},
+                     "shots": {"resources"}, "clips": {"resources"}},
+        )
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -41,6 +42,11 @@ def list_inputs(patterns: list[str], extensions: list[str]) -> tuple[list[str], 
     return sorted(os.path.abspath(p) for p in found), problems
 
 
+def path_id(path: str) -> str:
+    """Source id for files with no content to identify them (empty, unreadable): distinct per path."""
+    return "path-" + hashlib.sha256(path.encode()).hexdigest()
+
+
 def load_metadata(path: str) -> dict[str, dict]:
     """Read a JSONL metadata file: one object per video with `video` (path relative to the file or absolute),
     and `caption` (whole video) and/or `shots` ([{start_s, end_s, caption}]). Keyed by absolute video path."""
@@ -59,6 +65,13 @@ def load_metadata(path: str) -> dict[str, dict]:
             raise InputError(f"metadata file {path}, line {number}: not valid JSON ({exc.msg})") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("video"), str):
             raise InputError(f"metadata file {path}, line {number}: expected an object with a 'video' path")
+        for shot in entry.get("shots") or []:
+            ok = isinstance(shot, dict) and all(isinstance(shot.get(k), (int, float)) for k in ("start_s", "end_s"))
+            if not ok or not isinstance(shot.get("caption", ""), str):
+                raise InputError(
+                    f"metadata file {path}, line {number}: each shot needs numeric start_s and end_s and a caption "
+                    f"string (got {shot!r})"
+                )
         entries[str((base / entry["video"]).resolve())] = entry
     return entries
 

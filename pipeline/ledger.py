@@ -8,6 +8,7 @@ Entries are appended and fsynced in commit order, one JSON object per line:
 A shard and the sources it completes commit in one line, so no crash can leave a committed shard holding a
 sample whose source the next run would redo.
   {"type": "duplicate", "path", "source_id", ...}   -- a file whose content an earlier source already had
+  {"type": "input_error", "source", "reason", ...}  -- an input pattern that matched nothing
   {"type": "run", ...}                                -- one per finished run: wall time and throughput
 A source is committed when its entry is in the log. Everything else on disk (temporary shards, shards without
 an entry, shards that hold only samples of uncommitted sources) is debris of an interrupted run and is removed
@@ -31,6 +32,7 @@ class LedgerState:
     sources: dict[str, dict] = field(default_factory=dict)  # source_id -> entry
     runs: list[dict] = field(default_factory=list)
     duplicates: dict[str, dict] = field(default_factory=dict)  # path -> entry of a file whose content came before
+    input_errors: dict[tuple[str, str], dict] = field(default_factory=dict)  # (pattern, reason) -> entry
 
     def committed_files(self) -> dict[tuple[str, int, int], str]:
         """(path, size, mtime_ns) -> source id: lets a rerun skip unchanged files without hashing them."""
@@ -60,6 +62,8 @@ class Ledger:
                     state.sources[source["source_id"]] = source
             elif kind == "source":
                 state.sources[entry["source_id"]] = entry
+            elif kind == "input_error":
+                state.input_errors[(entry["source"], entry["reason"])] = entry
             elif kind == "duplicate":
                 state.duplicates[entry["path"]] = entry
             elif kind == "run":

@@ -53,7 +53,11 @@ def _stage_rank(stage: str) -> int:
     return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
 
 
-def summarize(state: LedgerState, input_errors: list[dict] | None = None) -> dict:
+def _input_errors(state: LedgerState, transient: list[dict] | None) -> list[dict]:
+    return list(state.input_errors.values()) + list(transient or [])
+
+
+def summarize(state: LedgerState, transient_errors: list[dict] | None = None) -> dict:
     """Funnel (per stage and unit: how many went in, came out, and were removed for which reason), totals and
     the throughput of each run. Source-level removals come first: a source removed whole never planned clips."""
     removed: dict[tuple[str, str], Counter] = defaultdict(Counter)
@@ -70,14 +74,14 @@ def summarize(state: LedgerState, input_errors: list[dict] | None = None) -> dic
             if clip["status"] != "kept":
                 removed[("clips", clip["stage"])][clip["reason"]] += 1
         samples += len(entry["samples"])
-    input_errors = input_errors or []
+    input_errors = _input_errors(state, transient_errors)
     funnel = [
         {
             "stage": "input",
             "unit": "sources",
             "in": sources + len(input_errors) + len(state.duplicates),
             "out": sources,
-            "removed": dict(Counter(e["reason"] for e in input_errors)) | ({"duplicate": len(state.duplicates)} if state.duplicates else {}),
+            "removed": dict(Counter([e["reason"] for e in input_errors] + ["duplicate"] * len(state.duplicates))),
         }
     ]
     remaining = {"sources": sources, "clips": clips}
@@ -108,7 +112,9 @@ def summarize(state: LedgerState, input_errors: list[dict] | None = None) -> dic
     }
 
 
-def write_outputs(out_dir: str | Path, state: LedgerState, input_errors: list[dict] | None = None) -> dict:
+def write_outputs(out_dir: str | Path, state: LedgerState, transient_errors: list[dict] | None = None) -> dict:
+    """Rebuild every derived file from the committed state; `transient_errors` are this run's problems that are
+    not committed (sources whose records never all came back; the next run retries them)."""
     out = Path(out_dir)
     shards = sorted(state.shards.values(), key=lambda e: e["shard"])
     index = {
@@ -127,12 +133,12 @@ def write_outputs(out_dir: str | Path, state: LedgerState, input_errors: list[di
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     _atomic_write(out / "manifest.parquet", lambda p: pq.write_table(table, p))
 
-    errors = list(input_errors or []) + [e for entry in state.sources.values() for e in entry["errors"]]
+    errors = _input_errors(state, transient_errors) + [e for entry in state.sources.values() for e in entry["errors"]]
     errors_table = pa.Table.from_pylist(
         [{name: e.get(name) for name in ERRORS_SCHEMA.names} for e in errors], schema=ERRORS_SCHEMA
     )
     _atomic_write(out / "errors.parquet", lambda p: pq.write_table(errors_table, p))
 
-    summary = summarize(state, input_errors)
+    summary = summarize(state, transient_errors)
     _atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
     return summary

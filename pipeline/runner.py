@@ -38,9 +38,13 @@ def _check_config(out: Path, config: RunConfig) -> None:
         previous = (yaml.safe_load(saved.read_text()) or {}).get("config_hash")
         if previous and previous != config.hash():
             raise ConfigError(
-                f"{out} holds samples made with a different config (hash {previous}, this run {config.hash()}). "
-                "Resume with the same config (only input.* and ray.* may change), or use a new --output directory."
+                f"{out} was curated with a different config (hash {previous}, this run {config.hash()}). "
+                "Resume with the same settings (input.*, ray.*, resources and shard sizes may change), "
+                "or use a new --output directory."
             )
+
+
+def _save_config(out: Path, config: RunConfig) -> None:
     body = {"config_hash": config.hash(), "pipeline_version": __version__, **config.model_dump(mode="json")}
     (out / "config.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
 
@@ -53,7 +57,13 @@ def connect_ray(config: RunConfig) -> bool:
         return False
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot join the Ray cluster at {address!r} ({exc}). Check the address (host:port of the head, "
+                "ray://host:10001, or auto) and, for token-auth clusters, RAY_AUTH_MODE=token with the cluster's token."
+            ) from None
     else:
         # address="local" always starts a fresh embedded Ray: plain ray.init() would attach to whatever cluster a
         # `ray start` left recorded on this machine (even a dead one, and then hang).
@@ -100,7 +110,7 @@ def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig)
         )
         if group[0].stateful:
             cpus = ray.available_resources().get("CPU", 2)
-            # Leave a CPU for the decode tasks around the pool, or the pipeline starves (see environment.md).
+            # Leave a CPU for the decode tasks around the pool, or tasks upstream of it starve.
             pool = res[0].workers or max(1, int(cpus // max(res[0].num_cpus, 1)) - 1)
             ds = ds.map_batches(
                 named_actor_class(classes),
@@ -136,92 +146,102 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, config)
-    ledger = Ledger(out)
-    state = ledger.recover()
-
     paths, input_errors = list_inputs(config.input.paths, config.input.extensions)
     metadata = load_metadata(config.input.metadata) if config.input.metadata else {}
-    committed = state.committed_files()
-    todo = [p for p in paths if _file_identity(p) not in committed]
+    _save_config(out, config)  # only once the inputs are known to be usable
+    ledger = Ledger(out)
+    state = ledger.recover()
     for problem in input_errors:
         console.print(f"[yellow]warning[/]: {problem['message']} (recorded in errors.parquet)")
+        if (problem["source"], problem["reason"]) not in state.input_errors:
+            ledger.append({"type": "input_error", **problem})
+    committed = state.committed_files()
+    todo = [p for p in paths if _file_identity(p) not in committed]
     console.print(
         f"[bold]s2v curate[/]: {len(paths)} input videos, {len(paths) - len(todo)} already committed, "
         f"{len(todo)} to process -> {out}"
     )
+    if not todo:
+        return write_outputs(out, ledger.read())
 
-    run_id = uuid.uuid4().hex[:12]
-    sink = ShardSink(out, config.output, ledger, state)
-    collector = SourceCollector()
-    seen_ids = set(state.sources)
+    # Largest files first: a long video scheduled last would leave the other workers idle at the end.
+    todo.sort(key=lambda p: -os.path.getsize(p))
+    records = source_records(todo, metadata)
     stages = [cls(config) for cls in FLOW]
-    counts = {"sources": 0, "clips": 0, "samples": 0, "video_s": 0.0}
+    run_id = uuid.uuid4().hex[:12]
     started_ray = False
-    cpus = 1.0  # sequential mode uses one core
     try:
-        # Largest files first: a long video scheduled last would leave the other workers idle at the end.
-        todo.sort(key=lambda p: -os.path.getsize(p))
-        records = source_records(todo, metadata)
-        if sequential or not records:
-            stream = run_sequential(records, stages)
+        if sequential:
+            stream, cpus = run_sequential(records, stages), 1.0
         else:
-            started_ray = connect_ray(config)
             import ray
 
+            started_ray = connect_ray(config)
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
-            stream = (r for batch in build_dataset(records, stages, config).iter_batches(batch_size=None, batch_format="pyarrow")
-                      for r in table_to_records(batch))
-        progress = Progress(
-            TextColumn("[bold blue]sources"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[samples]} samples"), console=console, disable=not config.ray.progress,
-        )
-        with progress:
-            task = progress.add_task("curate", total=len(records), samples=0)
-            for record in stream:
-                group = collector.add(record)
-                if group is None:
-                    continue
-                entry, samples = assemble_source(group, config.hash(), run_id)
-                if entry["source_id"] and entry["source_id"] in seen_ids:
-                    # Same bytes as a source already curated (a copy under another name): never write it twice.
-                    ledger.append({"type": "duplicate", "path": entry["path"], "source_id": entry["source_id"],
-                                   "size": entry["size"], "mtime_ns": entry["mtime_ns"], "run": run_id})
-                    state.duplicates[entry["path"]] = entry
-                else:
-                    if entry["source_id"]:
-                        seen_ids.add(entry["source_id"])
-                    sink.add_source(entry, samples)
-                    counts["sources"] += 1
-                    counts["clips"] += len(entry["clips"])
-                    counts["samples"] += len(samples)
-                    counts["video_s"] += entry["duration_s"] or 0.0
-                progress.update(task, advance=1, samples=counts["samples"])
-        sink.close()
+            batches = build_dataset(records, stages, config).iter_batches(batch_size=None, batch_format="pyarrow")
+            stream = (r for batch in batches for r in table_to_records(batch))
+        counts, incomplete = _commit_stream(stream, len(records), out, config, ledger, state, run_id, console)
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
 
-    for path, group in collector.incomplete().items():
-        # Records that never came back (a worker died for good): the source stays uncommitted, so the next run
-        # redoes it. Say so rather than lose it silently.
-        input_errors.append({"source": path, "stage": "runner", "reason": "incomplete",
-                             "message": f"{len(group)} of {group[0].clips_planned} clips came back; rerun to retry"})
     wall = time.time() - started
-    run = {
-        "type": "run",
-        "run": run_id,
-        "started": started,
-        "wall_s": wall,
-        "cpus": cpus,
-        **counts,
-        "clips_per_s": counts["clips"] / wall if wall else 0.0,
-        # Cosmos-Curate's headline KPI, per CPU core here since these stages run on CPUs.
-        "video_hours_per_day_per_core": (counts["video_s"] / 3600) / (wall / 86400) / cpus if wall else 0.0,
-        "mode": "sequential" if sequential else "ray",
-        "version": __version__,
-    }
-    ledger.append(run)
-    state = ledger.read()
-    return write_outputs(out, state, input_errors)
+    ledger.append(
+        {
+            "type": "run",
+            "run": run_id,
+            "started": started,
+            "wall_s": wall,
+            "cpus": cpus,
+            **counts,
+            "clips_per_s": counts["clips"] / wall,
+            # Cosmos-Curate's headline KPI, per CPU core here since these stages run on CPUs.
+            "video_hours_per_day_per_core": (counts["video_s"] / 3600) / (wall / 86400) / cpus,
+            "mode": "sequential" if sequential else "ray",
+            "version": __version__,
+        }
+    )
+    return write_outputs(out, ledger.read(), incomplete)
+
+
+def _commit_stream(stream, total: int, out: Path, config: RunConfig, ledger: Ledger, state, run_id: str,
+                   console: Console) -> tuple[dict, list[dict]]:
+    """Group finished records by source and commit each whole source through the shard writer."""
+    sink = ShardSink(out, config.output, ledger, state)
+    collector = SourceCollector()
+    seen_ids = set(state.sources)
+    counts = {"sources": 0, "clips": 0, "samples": 0, "video_s": 0.0}
+    progress = Progress(
+        TextColumn("[bold blue]sources"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[samples]} samples"), console=console, disable=not config.ray.progress,
+    )
+    with progress:
+        task = progress.add_task("curate", total=total, samples=0)
+        for record in stream:
+            group = collector.add(record)
+            if group is None:
+                continue
+            entry, samples = assemble_source(group, config.hash(), run_id)
+            if entry["source_id"] in seen_ids:
+                # Same bytes as a source already curated (a copy under another name): never write it twice.
+                ledger.append({"type": "duplicate", "path": entry["path"], "source_id": entry["source_id"],
+                               "size": entry["size"], "mtime_ns": entry["mtime_ns"], "run": run_id})
+            else:
+                seen_ids.add(entry["source_id"])
+                sink.add_source(entry, samples)
+                counts["sources"] += 1
+                counts["clips"] += len(entry["clips"])
+                counts["samples"] += len(samples)
+                counts["video_s"] += entry["duration_s"] or 0.0
+            progress.update(task, advance=1, samples=counts["samples"])
+    sink.close()
+    # Records that never came back (a worker died for good): the source stays uncommitted and the next run
+    # redoes it. Say so rather than lose it silently.
+    incomplete = [
+        {"source": path, "stage": "runner", "reason": "incomplete",
+         "message": f"{len(group)} of {group[0].clips_planned} clips came back; rerun to retry"}
+        for path, group in collector.incomplete().items()
+    ]
+    return counts, incomplete

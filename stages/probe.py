@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+from pipeline.inputs import path_id
 from pipeline.record import Record
 from pipeline.stage import Stage
 from pipeline.video import VideoError, probe
@@ -27,10 +28,11 @@ class Prober(Stage):
             try:
                 record.source_id = content_id(record.source_path)
             except OSError as exc:
-                # No content to hash: an id from the path keeps this failure distinct from other unreadable files.
-                record.source_id = "path-" + hashlib.sha256(record.source_path.encode()).hexdigest()
+                record.source_id = path_id(record.source_path)
                 record.fail(self.name, "unreadable", f"{record.source_path}: cannot read ({exc.strerror})")
                 continue
+            if record.meta["source"]["size"] == 0:
+                record.source_id = path_id(record.source_path)
             record.key = record.source_id[:16]
             try:
                 info = probe(record.source_path)

@@ -123,10 +123,17 @@ def test_summary_funnel_adds_up(curated):
 
 def test_rerun_skips_committed_sources_and_duplicates_nothing(curated, inputs, demo_corpus):
     before = sorted(s["__key__"] for s in read_shards(curated))
+    summary_before = json.loads((curated / "summary.json").read_text())
     proc = s2v("curate", "run", "--config", "configs/quickstart.yaml", "--input", str(inputs),
-               "--metadata", str(demo_corpus / "metadata.jsonl"), "--output", str(curated), *QUIET)
-    assert "0 to process" in proc.stderr
+               "--input", str(inputs / "missing.mp4"), "--metadata", str(demo_corpus / "metadata.jsonl"),
+               "--output", str(curated), *QUIET)
+    assert "0 to process" in proc.stderr and "missing.mp4" in proc.stderr
     assert sorted(s["__key__"] for s in read_shards(curated)) == before
+    summary = json.loads((curated / "summary.json").read_text())
+    assert summary["runs"] == summary_before["runs"]  # nothing ran, so no run is recorded
+    # The pattern that matched nothing is committed with the run's errors, so stats still count it later.
+    stats = json.loads(s2v("shards", "stats", str(curated), "--json").stdout)
+    assert stats["funnel"][0]["removed"]["not_found"] == 1
 
 
 def test_stats_json_and_table(curated):

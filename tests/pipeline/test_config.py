@@ -30,6 +30,12 @@ def test_range_and_cross_field_checks():
         build_config({}, ["clips.crf=99"])
     with pytest.raises(ConfigError, match="max_clip_s"):
         build_config({}, ["shots.min_clip_s=5", "shots.max_clip_s=3"])
+    with pytest.raises(ConfigError, match="clips.keyframes"):
+        build_config({}, ["clips.keyframes=[]"])
+    with pytest.raises(ConfigError, match=r"must lie in \[0, 1\]"):
+        build_config({}, ["clips.keyframes=[0.5, 1.5]"])
+    with pytest.raises(ConfigError, match="min_brightness"):
+        build_config({}, ["filters.quality.min_brightness=200", "filters.quality.max_brightness=100"])
 
 
 def test_overrides_parse_yaml_values_and_win_over_the_file(tmp_path):
@@ -55,4 +61,7 @@ def test_file_errors_name_the_file(tmp_path):
 def test_hash_ignores_inputs_and_ray_but_not_sample_settings():
     base = build_config()
     assert build_config({}, ["input.paths=[a.mp4]", "ray.num_cpus=1"]).hash() == base.hash()
+    # Packing and worker sizing do not change samples: a resume may move to another cluster.
+    same = ["output.shard_max_samples=7", "shots.resources.num_cpus=4", "clips.resources.workers=3"]
+    assert build_config({}, same).hash() == base.hash()
     assert build_config({}, ["clips.fps=12"]).hash() != base.hash()

@@ -58,6 +58,9 @@ def test_metadata_errors_name_file_and_line(tmp_path):
     bad.write_text('{"caption": "no video"}\n')
     with pytest.raises(InputError, match="line 1: expected an object with a 'video' path"):
         load_metadata(str(bad))
+    bad.write_text('{"video": "a.mp4", "shots": [{"start_s": 0, "caption": "no end"}]}\n')
+    with pytest.raises(InputError, match="line 1: each shot needs numeric start_s and end_s"):
+        load_metadata(str(bad))
     with pytest.raises(InputError, match="cannot read"):
         load_metadata(str(tmp_path / "missing.jsonl"))
 
