@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.models import ModelSpec
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message is meant for the user as is."""
@@ -91,6 +93,41 @@ class QualityFilterConfig(_Section):
         return self
 
 
+class EntitiesConfig(_Section):
+    """Entity extraction. Without a VLM, entities come from matching the caption against the taxonomy."""
+
+    taxonomy: str | None = Field(None, description="taxonomy YAML; null = the bundled taxonomies/subjects.yaml")
+    resources: StageResources = Field(default_factory=StageResources)
+
+
+class FacesConfig(_Section):
+    """Face detection on the keyframes: score, 5 landmarks, head pose, frontal decision, identity embedding."""
+
+    enabled: bool = True
+    backend: Literal["dlib", "insightface"] = Field(
+        "dlib", description="dlib: real offline weights (HOG detector + ResNet 128-d); insightface: buffalo_l-style dir"
+    )
+    model: ModelSpec | None = Field(None, description="insightface model directory (required for that backend)")
+    min_score: float = Field(0.5, ge=0, le=1, description="detections below this score are ignored")
+    min_face_px: int = Field(24, ge=1, description="smaller faces (short side of the box, px) are ignored")
+    max_yaw: float = Field(30.0, gt=0, le=90, description="frontal: |yaw| <= this (degrees)")
+    max_pitch: float = Field(25.0, gt=0, le=90, description="frontal: |pitch| <= this (degrees)")
+    resources: StageResources = Field(default_factory=StageResources)
+
+    @model_validator(mode="after")
+    def _check_model(self):
+        if self.enabled and self.backend == "insightface" and self.model is None:
+            raise ValueError("backend insightface needs model.path (a directory with the detection/recognition ONNX files)")
+        return self
+
+
+class ClipScoreConfig(_Section):
+    """CLIP scores (open_clip): caption-clip alignment and, per instance crop, a category check."""
+
+    model: ModelSpec | None = Field(None, description="open_clip model directory (open_clip_config.json + weights); null = off")
+    resources: StageResources = Field(default_factory=StageResources)
+
+
 class FiltersConfig(_Section):
     quality: QualityFilterConfig = Field(default_factory=QualityFilterConfig)
 
@@ -112,6 +149,9 @@ class RunConfig(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     shots: ShotsConfig = Field(default_factory=ShotsConfig)
     clips: ClipsConfig = Field(default_factory=ClipsConfig)
+    entities: EntitiesConfig = Field(default_factory=EntitiesConfig)
+    faces: FacesConfig = Field(default_factory=FacesConfig)
+    clip_score: ClipScoreConfig = Field(default_factory=ClipScoreConfig)
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
