@@ -1,0 +1,78 @@
+"""Entity extraction from the clip caption: subjects (with attributes), objects and background.
+
+This is the taxonomy path (no VLM configured): caption words are matched against the subject taxonomy, as
+Kaleido does to find candidate subjects. Each entity keeps the exact word tag of the caption. A subject's
+attributes are the attribute words in its part of the caption (from its mention to the next entity mention),
+the text-only stand-in for LumosX's box-prior binding that the Qwen2.5-VL path does.
+"""
+
+from __future__ import annotations
+
+from pipeline.config import StageResources
+from pipeline.record import Record
+from pipeline.stage import Stage
+
+
+WEARABLE = {"clothing", "accessory"}
+
+
+def extract_entities(caption: str, taxonomy) -> list[dict]:
+    """Entities of a caption, one per distinct category, in caption order.
+
+    A subject's part of the caption runs from its mention over the clothing and accessory mentions that follow it
+    (LumosX: a subject is a face plus its attributes); those mentions become the subject's attributes, not
+    separate objects. A subject gets a group id that its face and attributes share.
+    """
+    matches = taxonomy.match(caption)
+    entities: list[dict] = []
+    seen: set[str] = set()
+    worn: set[int] = set()  # indices of clothing/accessory matches taken as a subject's attributes
+    for index, match in enumerate(matches):
+        if index in worn or match.category in seen:
+            continue  # "a cat ... the cat": one entity; the first mention is its word tag
+        seen.add(match.category)
+        entity = {
+            "id": f"e{len(entities)}",
+            "kind": match.kind,
+            "word": match.word,
+            "category": match.category,
+            "taxonomy_group": match.group,
+            "span": [match.start, match.end],
+        }
+        if match.kind == "subject":
+            stop = index + 1
+            while stop < len(matches) and matches[stop].group in WEARABLE:
+                worn.add(stop)
+                stop += 1
+            end = matches[stop].start if stop < len(matches) else len(caption)
+            attributes = taxonomy.attributes_in(caption[match.end : end])
+            entity["attributes"] = {k: v for k, v in attributes.items() if v}
+            entity["group"] = f"g{sum(1 for e in entities if e['kind'] == 'subject')}"
+        entities.append(entity)
+    return entities
+
+
+class EntityExtractor(Stage):
+    name = "entities"
+
+    @property
+    def resources(self) -> StageResources:
+        return self.config.entities.resources
+
+    def setup(self) -> None:
+        from taxonomies.matcher import Taxonomy
+
+        self.taxonomy = Taxonomy.load(self.config.entities.taxonomy)
+
+    def process(self, records: list[Record]) -> list[Record]:
+        if not hasattr(self, "taxonomy"):
+            self.setup()
+        for record in records:
+            caption = (record.meta.get("caption") or {}).get("text")
+            if not caption:
+                record.meta["entities"] = []
+                record.warn(self.name, "no caption, so no entities (configure captioning or give captions in metadata)")
+                continue
+            record.meta["entities"] = extract_entities(caption, self.taxonomy)
+            record.meta.setdefault("provenance", {})[self.name] = "taxonomy match on the caption (no VLM configured)"
+        return records
