@@ -5,7 +5,7 @@ from __future__ import annotations
 from pipeline import __version__
 from pipeline.inputs import path_id
 from pipeline.record import Record
-from pipeline.shard_writer import sample_json
+from pipeline.shard_writer import npy_bytes, sample_json
 
 
 class SourceCollector:
@@ -55,6 +55,11 @@ def manifest_row(record: Record) -> dict:
         "caption": caption.get("text"),
         "brightness": quality.get("brightness_mean"),
         "sharpness": quality.get("sharpness_median"),
+        "entities": len(meta.get("entities", [])),
+        "subjects": sum(1 for e in meta.get("entities", []) if e["kind"] == "subject"),
+        "faces": len(meta.get("faces", [])),
+        "frontal_faces": sum(1 for f in meta.get("faces", []) if f["frontal"]),
+        "clip_alignment": meta.get("stats", {}).get("clip", {}).get("caption_alignment"),
     }
 
 
@@ -70,6 +75,8 @@ def sample_metadata(record: Record, config_hash: str) -> dict:
         "clip": meta["clip"],
         "keyframes": meta.get("keyframes", []),
         "caption": meta.get("caption"),
+        "entities": meta.get("entities", []),
+        "faces": meta.get("faces", []),
         "stats": meta.get("stats", {}),
         "warnings": meta.get("warnings", []),
         "provenance": {
@@ -118,11 +125,12 @@ def assemble_source(records: list[Record], config_hash: str, run_id: str) -> tup
         entry["clips"].append({"key": record.key, "status": status, "stage": stage, "reason": reason})
         if status == "kept":
             entry["samples"].append(manifest_row(record))
-            samples.append(
-                {
-                    "__key__": record.key,
-                    "mp4": record.get_bytes("mp4"),
-                    "json": sample_json(sample_metadata(record, config_hash)),
-                }
-            )
+            sample = {
+                "__key__": record.key,
+                "mp4": record.get_bytes("mp4"),
+                "json": sample_json(sample_metadata(record, config_hash)),
+            }
+            if len(record.blobs.get("face_embeddings", ())):
+                sample["faces.npy"] = npy_bytes(record.blobs["face_embeddings"])  # rows follow KEY.json "faces"
+            samples.append(sample)
     return entry, samples

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 from pipeline.ledger import LedgerState
 
 # Where each unit leaves the flow, in flow order: the funnel is reported in this order.
-STAGE_ORDER = ["input", "probe", "shot_cut", "clip_extract", "quality_stats", "quality_filter"]
+STAGE_ORDER = ["input", "probe", "shot_cut", "clip_extract", "quality_stats", "quality_filter", "entities", "faces",
+               "clip_score"]
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -36,6 +37,11 @@ MANIFEST_SCHEMA = pa.schema(
         ("caption", pa.string()),
         ("brightness", pa.float64()),
         ("sharpness", pa.float64()),
+        ("entities", pa.int32()),
+        ("subjects", pa.int32()),
+        ("faces", pa.int32()),
+        ("frontal_faces", pa.int32()),
+        ("clip_alignment", pa.float64()),
     ]
 )
 ERRORS_SCHEMA = pa.schema(

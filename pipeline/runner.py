@@ -139,7 +139,7 @@ def run_sequential(records: list[Record], stages: list[Stage]):
 
 def curate(config: RunConfig, out_dir: str | Path, console: Console | None = None, sequential: bool = False) -> dict:
     """Run one curation job into out_dir (resuming it if it exists). Returns the summary."""
-    from stages import FLOW
+    from stages import build_flow
 
     console = console or Console(stderr=True)
     started = time.time()
@@ -167,7 +167,7 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
     # Largest files first: a long video scheduled last would leave the other workers idle at the end.
     todo.sort(key=lambda p: -os.path.getsize(p))
     records = source_records(todo, metadata)
-    stages = [cls(config) for cls in FLOW]
+    stages = [cls(config) for cls in build_flow(config)]
     run_id = uuid.uuid4().hex[:12]
     started_ray = False
     try:

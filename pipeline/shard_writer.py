@@ -9,10 +9,12 @@ that source alone fills it (and `Ledger.recover` removes such shards).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import webdataset as wds
 
 from pipeline.config import OutputConfig
@@ -114,3 +116,10 @@ class ShardSink:
 
 def sample_json(meta: dict) -> bytes:
     return json.dumps(meta, indent=None, sort_keys=True).encode()
+
+
+def npy_bytes(array) -> bytes:
+    """An array as .npy bytes (webdataset decodes the `.npy` extension back to an array)."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
