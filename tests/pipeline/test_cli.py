@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -66,12 +68,21 @@ def test_shards_read_back_with_upstream_webdataset(curated):
     assert len(set(keys)) == len(keys)
     manifest = pq.read_table(curated / "manifest.parquet").to_pylist()
     assert sorted(keys) == [row["key"] for row in manifest]
+    with_faces = 0
     for sample in samples:
         meta = json.loads(sample["json"])
         assert sample["mp4"][4:8] == b"ftyp"
+        if "/demo/" in meta["source"]["path"]:  # captioned by the metadata file, so entities are found
+            kinds = {e["kind"] for e in meta["entities"]}
+            assert kinds & {"subject", "object"} and "background" in kinds, meta["caption"]
+        if meta["faces"]:
+            with_faces += 1
+            embeddings = np.load(io.BytesIO(sample["faces.npy"]))
+            assert embeddings.shape == (len(meta["faces"]), 128)  # dlib's real ResNet embeddings
         assert meta["key"] == sample["__key__"]
         assert meta["provenance"]["config_hash"] and meta["provenance"]["stages"]["shot_cut"].startswith("pyscenedetect")
         assert meta["span"]["end_s"] > meta["span"]["start_s"]
+    assert with_faces > 0  # the demo's astronaut is a real frontal face
     assert not list(curated.rglob("*.tmp"))
 
 
