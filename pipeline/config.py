@@ -93,10 +93,43 @@ class QualityFilterConfig(_Section):
         return self
 
 
+class CaptionConfig(_Section):
+    """VLM captioning (Qwen2.5-VL) over the keyframes. A caption given in the input metadata wins unless told."""
+
+    model: ModelSpec | None = Field(None, description="Qwen2.5-VL directory or hub id; null = metadata captions only")
+    prompt_file: str | None = Field(None, description="prompt template; null = the bundled stages/prompts/caption.txt")
+    max_new_tokens: int = Field(160, ge=8)
+    max_pixels: int = Field(360 * 640, ge=28 * 28, description="keyframes are resized to at most this many pixels")
+    replace_metadata_captions: bool = False
+    resources: StageResources = Field(default_factory=StageResources)
+
+
 class EntitiesConfig(_Section):
-    """Entity extraction. Without a VLM, entities come from matching the caption against the taxonomy."""
+    """Entity extraction: with a VLM (Qwen2.5-VL) structured JSON bound to person boxes; without one, matching the
+    caption against the taxonomy."""
 
     taxonomy: str | None = Field(None, description="taxonomy YAML; null = the bundled taxonomies/subjects.yaml")
+    model: ModelSpec | None = Field(None, description="Qwen2.5-VL for entity extraction; null = taxonomy matching")
+    prompt_file: str | None = Field(None, description="prompt template; null = the bundled stages/prompts/entities.txt")
+    max_new_tokens: int = Field(512, ge=16)
+    max_retries: int = Field(2, ge=0, description="re-asks after malformed JSON before the clip gets an error")
+    resources: StageResources = Field(default_factory=StageResources)
+
+
+class GroundingConfig(_Section):
+    """Open-vocabulary boxes (Grounding DINO via transformers) for every entity word and for persons."""
+
+    model: ModelSpec | None = Field(None, description="grounding-dino directory or hub id; null = off")
+    box_threshold: float = Field(0.25, ge=0, le=1)
+    text_threshold: float = Field(0.25, ge=0, le=1)
+    resources: StageResources = Field(default_factory=StageResources)
+
+
+class SegmentationConfig(_Section):
+    """Box-prompted masks (SAM) for every detection."""
+
+    backend: Literal["segment-anything", "transformers"] = "segment-anything"
+    model: ModelSpec | None = Field(None, description="SAM checkpoint directory; null = off")
     resources: StageResources = Field(default_factory=StageResources)
 
 
@@ -149,7 +182,10 @@ class RunConfig(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     shots: ShotsConfig = Field(default_factory=ShotsConfig)
     clips: ClipsConfig = Field(default_factory=ClipsConfig)
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
     entities: EntitiesConfig = Field(default_factory=EntitiesConfig)
+    grounding: GroundingConfig = Field(default_factory=GroundingConfig)
+    segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
     faces: FacesConfig = Field(default_factory=FacesConfig)
     clip_score: ClipScoreConfig = Field(default_factory=ClipScoreConfig)
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
