@@ -139,7 +139,7 @@ def run_sequential(records: list[Record], stages: list[Stage]):
 
 def curate(config: RunConfig, out_dir: str | Path, console: Console | None = None, sequential: bool = False) -> dict:
     """Run one curation job into out_dir (resuming it if it exists). Returns the summary."""
-    from stages import build_flow
+    from stages import build_flow, describe_flow
 
     console = console or Console(stderr=True)
     started = time.time()
@@ -157,6 +157,12 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
             ledger.append({"type": "input_error", **problem})
     committed = state.committed_files()
     todo = [p for p in paths if _file_identity(p) not in committed]
+    flow = describe_flow(config)
+    console.print(f"stages: {' -> '.join(flow['stages'])}")
+    for stage, what in flow["substitutes"].items():
+        console.print(f"  substitute  {stage}: {what}")
+    if flow["off"]:
+        console.print(f"  off (no model configured): {', '.join(flow['off'])}")
     console.print(
         f"[bold]s2v curate[/]: {len(paths)} input videos, {len(paths) - len(todo)} already committed, "
         f"{len(todo)} to process -> {out}"
@@ -200,6 +206,7 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
             # Cosmos-Curate's headline KPI, per CPU core here since these stages run on CPUs.
             "video_hours_per_day_per_core": (counts["video_s"] / 3600) / (wall / 86400) / cpus,
             "mode": "sequential" if sequential else "ray",
+            "flow": flow,
             "version": __version__,
         }
     )

@@ -25,5 +25,24 @@ def build_flow(config) -> list[type]:
     return flow
 
 
+def describe_flow(config) -> dict:
+    """What this config runs, where it uses an offline substitute for the design's model, and what is off.
+    Printed at the start of a run and kept in its ledger entry, so every output says how it was made."""
+    substitutes, off = {}, []
+    if config.caption.model is None:
+        substitutes["caption"] = "captions from the input metadata (no caption.model: Qwen2.5-VL)"
+    if config.entities.model is None:
+        substitutes["entities"] = "taxonomy matching on the caption (no entities.model: Qwen2.5-VL)"
+    if config.faces.enabled and config.faces.backend == "dlib":
+        substitutes["faces"] = "dlib HOG + ResNet-128 real weights (instead of InsightFace buffalo_l)"
+    for name, section in (("grounding", config.grounding), ("segmentation", config.segmentation),
+                          ("clip_score", config.clip_score)):
+        if section.model is None:
+            off.append(name)
+    if not config.faces.enabled:
+        off.append("faces")
+    return {"stages": [cls.name for cls in build_flow(config)], "substitutes": substitutes, "off": off}
+
+
 __all__ = ["FLOW", "ClipExtractor", "EntityExtractor", "Prober", "QualityFilter", "QualityStats", "ShotCutter",
-           "build_flow"]
+           "build_flow", "describe_flow"]

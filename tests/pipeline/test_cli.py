@@ -130,6 +130,9 @@ def test_summary_funnel_adds_up(curated):
     assert steps[-1]["out"] == summary["samples"]
     run = summary["last_run"]
     assert run["clips_per_s"] > 0 and run["video_hours_per_day_per_core"] > 0 and run["cpus"] == 2
+    # The quickstart says which design models it replaced with offline substitutes, and which stages were off.
+    assert {"caption", "entities", "faces"} <= set(run["flow"]["substitutes"])
+    assert {"grounding", "segmentation", "clip_score"} <= set(run["flow"]["off"])
 
 
 def test_rerun_skips_committed_sources_and_duplicates_nothing(curated, inputs, demo_corpus):
