@@ -28,8 +28,6 @@ from pipeline.record import Record, table_to_records
 from pipeline.shard_writer import ShardSink
 from pipeline.stage import Stage, limit_threads, named_actor_class, named_task_fn, run_stage
 
-log = logging.getLogger(__name__)
-
 
 def _check_config(out: Path, config: RunConfig) -> None:
     """Refuse to mix samples made under different settings in one output directory."""
