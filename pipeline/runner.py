@@ -1,8 +1,8 @@
 """The job runner: list inputs, skip committed sources, stream records through the stages on Ray Data, and
 commit finished sources into shards from the driver.
 
-Stateless stages run as Ray tasks (Ray fuses consecutive ones, so a source is decoded and cut in one task);
-model stages run in actor pools so their model loads once per actor. The driver only groups finished records
+Consecutive stateless stages run together in one Ray task (so a source is decoded and cut without moving data
+between processes); model stages run in actor pools so their model loads once per actor. The driver only groups finished records
 by source and writes shards, which is cheap next to decoding.
 """
 
