@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 from pipeline.ledger import LedgerState
 
 # Where each unit leaves the flow, in flow order: the funnel is reported in this order.
-STAGE_ORDER = ["input", "probe", "shot_cut", "clip_extract", "quality_stats", "quality_filter", "entities", "faces",
-               "clip_score"]
+STAGE_ORDER = ["input", "probe", "shot_cut", "clip_extract", "quality_stats", "quality_filter", "caption",
+               "person_grounding", "entities", "grounding", "segmentation", "faces", "clip_score"]
 
 MANIFEST_SCHEMA = pa.schema(
     [

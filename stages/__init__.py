@@ -12,8 +12,30 @@ FLOW = [Prober, ShotCutter, ClipExtractor, QualityStats, QualityFilter, EntityEx
 
 
 def build_flow(config) -> list[type]:
-    """The stage classes this config runs: the fixed flow plus the model stages it enables."""
-    flow = list(FLOW)
+    """The stage classes this config runs: the fixed flow, with the model stages it enables in their places."""
+    flow = list(FLOW[:5])
+    if config.caption.model is not None:
+        from stages.captioning import Captioner
+
+        flow.append(Captioner)
+    if config.entities.model is not None:
+        from stages.vlm_entities import VlmEntityExtractor
+
+        if config.grounding.model is not None:
+            from stages.grounding import PersonGrounder
+
+            flow.append(PersonGrounder)
+        flow.append(VlmEntityExtractor)
+    else:
+        flow.append(EntityExtractor)
+    if config.grounding.model is not None:
+        from stages.grounding import Grounder
+
+        flow.append(Grounder)
+        if config.segmentation.model is not None:
+            from stages.segmentation import Segmenter
+
+            flow.append(Segmenter)
     if config.faces.enabled:
         from stages.faces import FaceDetector
 

@@ -143,12 +143,15 @@ class Grounder(Stage):
             f"dtype={self.spec.dtype} device={self.device}"
         )
 
+    def queries_for(self, record: Record) -> list[Query]:
+        return grounding_queries(record.meta.get("entities") or [])
+
     def process(self, records: list[Record]) -> list[Record]:
         # (record index, keyframe index, image, prompt) for every keyframe that has something to ground.
         jobs: list[tuple[int, int, np.ndarray, str]] = []
         queries_of: dict[int, list[Query]] = {}
         for index, record in enumerate(records):
-            queries = grounding_queries(record.meta.get("entities") or [])
+            queries = self.queries_for(record)
             keyframes = record.blobs.get("keyframes")
             if queries and (keyframes is None or len(keyframes) == 0):
                 record.fail(self.name, "no_keyframes", "clip record carries no keyframes to ground entities on")
@@ -231,3 +234,12 @@ class Grounder(Stage):
             })
         return detections
 
+
+class PersonGrounder(Grounder):
+    """Person boxes only, before entity extraction: the numbered visual prior the VLM binds subjects to (LumosX).
+    The entity-word grounding after it replaces these detections; the VLM keeps the boxes it chose."""
+
+    name = "person_grounding"
+
+    def queries_for(self, record: Record) -> list[Query]:
+        return [Query(PERSON, None)]
