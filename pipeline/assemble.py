@@ -5,7 +5,7 @@ from __future__ import annotations
 from pipeline import __version__
 from pipeline.inputs import path_id
 from pipeline.record import Record
-from pipeline.shard_writer import npy_bytes, sample_json
+from pipeline.shard_writer import mask_png, npy_bytes, sample_json
 
 
 class SourceCollector:
@@ -76,6 +76,7 @@ def sample_metadata(record: Record, config_hash: str) -> dict:
         "keyframes": meta.get("keyframes", []),
         "caption": meta.get("caption"),
         "entities": meta.get("entities", []),
+        "detections": meta.get("detections", []),
         "faces": meta.get("faces", []),
         "stats": meta.get("stats", {}),
         "warnings": meta.get("warnings", []),
@@ -132,5 +133,7 @@ def assemble_source(records: list[Record], config_hash: str, run_id: str) -> tup
             }
             if len(record.blobs.get("face_embeddings", ())):
                 sample["faces.npy"] = npy_bytes(record.blobs["face_embeddings"])  # rows follow KEY.json "faces"
+            for index, mask in enumerate(record.blobs.get("masks", ())):
+                sample[f"dmask{index}.png"] = mask_png(mask)  # mask of KEY.json "detections"[index]
             samples.append(sample)
     return entry, samples

@@ -91,10 +91,10 @@ def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig)
 
     config_json = config.model_dump_json()
     groups = fuse(stages)
-    if len(groups) == 1:
-        # A single operator needs no per-operator reservation; with it on, Ray Data starts one task and waits to
-        # learn output sizes before starting the next, which idles a small machine for seconds.
-        ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+    # A single operator needs no per-operator reservation; with it on, Ray Data starts one task and waits to learn
+    # output sizes before starting the next, which idles a small machine for seconds. Several operators (model
+    # actor pools) keep it, so no operator can starve the others. Set every time: the context is per process.
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = len(groups) > 1
     ds = ray.data.from_items([r.to_row() for r in records], override_num_blocks=max(1, len(records)))
     for group in groups:
         classes = [type(s) for s in group]

@@ -123,3 +123,13 @@ def npy_bytes(array) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """A 0/1 mask as a 1-bit-looking 8-bit PNG (0/255): small, and any image viewer shows it."""
+    import cv2
+
+    ok, png = cv2.imencode(".png", (mask > 0).astype(np.uint8) * 255)
+    if not ok:
+        raise ValueError("cannot encode mask as PNG")
+    return png.tobytes()
