@@ -86,10 +86,11 @@ def curate_run(config_path, inputs, metadata, output, overrides, address, sequen
     if not config.input.paths:
         raise UserError("no inputs: pass --input PATH (file, directory or glob) or set input.paths in the config")
     summary = run_curation(config, output, console=err_console, sequential=sequential)
-    run = summary["last_run"]
+    run = summary["this_run"]
+    did = (f"{run['sources']} sources -> {run['samples']} samples in {run['wall_s']:.1f} s "
+           f"({run['clips_per_s']:.2f} clips/s)") if run else "nothing new to process"
     err_console.print(
-        f"[bold green]done[/]: {run['sources']} sources -> {run['samples']} samples in {run['wall_s']:.1f} s "
-        f"({run['clips_per_s']:.2f} clips/s); {summary['samples']} samples in {summary['shards']} shards in total. "
+        f"[bold green]done[/]: {did}; {summary['samples']} samples in {summary['shards']} shards in total. "
         f"Details: s2v shards stats {output}"
     )
 

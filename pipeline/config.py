@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -195,15 +196,21 @@ class RunConfig(_Section):
     def hash(self) -> str:
         """Hash of everything that shapes the samples: not where inputs come from, where or how wide Ray runs,
         nor how samples are packed into shards, so a resume may move to a bigger cluster."""
-        data = self.model_dump(
-            mode="json",
-            exclude={"input": True, "ray": True, "output": {"shard_max_samples", "shard_max_mb"},
-                     "shots": {"resources"}, "clips": {"resources"}},
-        )
+        exclude: dict = {"input": True, "ray": True, "output": {"shard_max_samples", "shard_max_mb"}}
+        for name, field in type(self).model_fields.items():
+            if isinstance(field.annotation, type) and "resources" in getattr(field.annotation, "model_fields", {}):
+                exclude[name] = {"resources"}
+        data = self.model_dump(mode="json", exclude=exclude)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The pydantic model a field holds, also through `Model | None`."""
+    candidates = typing.get_args(annotation) or (annotation,)
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
 
 
 def _format_error(err: dict, model: type[BaseModel]) -> str:
@@ -213,11 +220,9 @@ def _format_error(err: dict, model: type[BaseModel]) -> str:
         section = model
         for part in loc[:-1]:
             field = section.model_fields.get(part)
-            annotation = getattr(field, "annotation", None)
-            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-                section = None
+            section = _model_in(getattr(field, "annotation", None))
+            if section is None:
                 break
-            section = annotation
         allowed = ", ".join(section.model_fields) if section else "see docs/config.md"
         return f"unknown config key '{key}' (allowed here: {allowed})"
     value = err.get("input")

@@ -137,13 +137,14 @@ def run_sequential(records: list[Record], stages: list[Stage]):
 
 def curate(config: RunConfig, out_dir: str | Path, console: Console | None = None, sequential: bool = False) -> dict:
     """Run one curation job into out_dir (resuming it if it exists). Returns the summary."""
-    from stages import build_flow, describe_flow
+    from stages import build_flow, describe_flow, preflight
 
     console = console or Console(stderr=True)
     started = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, config)
+    preflight(config)
     paths, input_errors = list_inputs(config.input.paths, config.input.extensions)
     metadata = load_metadata(config.input.metadata) if config.input.metadata else {}
     _save_config(out, config)  # only once the inputs are known to be usable
@@ -166,7 +167,7 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
         f"{len(todo)} to process -> {out}"
     )
     if not todo:
-        return write_outputs(out, ledger.read())
+        return {**write_outputs(out, ledger.read()), "this_run": None}
 
     # Largest files first: a long video scheduled last would leave the other workers idle at the end.
     todo.sort(key=lambda p: -os.path.getsize(p))
@@ -192,23 +193,22 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
             ray.shutdown()
 
     wall = time.time() - started
-    ledger.append(
-        {
-            "type": "run",
-            "run": run_id,
-            "started": started,
-            "wall_s": wall,
-            "cpus": cpus,
-            **counts,
-            "clips_per_s": counts["clips"] / wall,
-            # Cosmos-Curate's headline KPI, per CPU core here since these stages run on CPUs.
-            "video_hours_per_day_per_core": (counts["video_s"] / 3600) / (wall / 86400) / cpus,
-            "mode": "sequential" if sequential else "ray",
-            "flow": flow,
-            "version": __version__,
-        }
-    )
-    return write_outputs(out, ledger.read(), incomplete)
+    run = {
+        "type": "run",
+        "run": run_id,
+        "started": started,
+        "wall_s": wall,
+        "cpus": cpus,
+        **counts,
+        "clips_per_s": counts["clips"] / wall,
+        # Cosmos-Curate's headline KPI, per CPU core here since these stages run on CPUs.
+        "video_hours_per_day_per_core": (counts["video_s"] / 3600) / (wall / 86400) / cpus,
+        "mode": "sequential" if sequential else "ray",
+        "flow": flow,
+        "version": __version__,
+    }
+    ledger.append(run)
+    return {**write_outputs(out, ledger.read(), incomplete), "this_run": run}
 
 
 def _commit_stream(stream, total: int, out: Path, config: RunConfig, ledger: Ledger, state, run_id: str,

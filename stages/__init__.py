@@ -47,6 +47,29 @@ def build_flow(config) -> list[type]:
     return flow
 
 
+def preflight(config) -> None:
+    """Fail before any work when a configured model or the taxonomy cannot be found: one clear message instead of
+    every worker failing the same way. Only locates files; loading happens once per worker in `setup()`."""
+    from pipeline.config import ConfigError
+    from pipeline.models import ModelUnavailable, resolve_model_dir
+    from taxonomies.matcher import Taxonomy
+
+    problems = []
+    for role in ("caption", "entities", "grounding", "segmentation", "faces", "clip_score"):
+        spec = getattr(getattr(config, role), "model", None)
+        if spec is not None and (role != "faces" or config.faces.enabled):
+            try:
+                resolve_model_dir(spec, role)
+            except ModelUnavailable as exc:
+                problems.append(str(exc))
+    try:
+        Taxonomy.load(config.entities.taxonomy)
+    except (OSError, ValueError) as exc:
+        problems.append(f"entities.taxonomy: {exc}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
 def describe_flow(config) -> dict:
     """What this config runs, where it uses an offline substitute for the design's model, and what is off.
     Printed at the start of a run and kept in its ledger entry, so every output says how it was made."""
@@ -67,4 +90,4 @@ def describe_flow(config) -> dict:
 
 
 __all__ = ["FLOW", "ClipExtractor", "EntityExtractor", "Prober", "QualityFilter", "QualityStats", "ShotCutter",
-           "build_flow", "describe_flow"]
+           "build_flow", "describe_flow", "preflight"]

@@ -8,12 +8,15 @@ the text-only stand-in for LumosX's box-prior binding that the Qwen2.5-VL path d
 
 from __future__ import annotations
 
+import re
+
 from pipeline.config import StageResources
 from pipeline.record import Record
 from pipeline.stage import Stage
 
 
 WEARABLE = {"clothing", "accessory"}
+CLAUSE_BREAK = re.compile(r",|;|\.|\b(?:and|while|as|next to|beside|behind|near|on|against)\b", re.IGNORECASE)
 
 
 def extract_entities(caption: str, taxonomy) -> list[dict]:
@@ -45,7 +48,11 @@ def extract_entities(caption: str, taxonomy) -> list[dict]:
                 worn.add(stop)
                 stop += 1
             end = matches[stop].start if stop < len(matches) else len(caption)
-            attributes = taxonomy.attributes_in(caption[match.end : end])
+            # After the last thing the subject wears, a clause break starts someone else's words:
+            # "a woman in an orange spacesuit and a white rocket" must not give the woman "white".
+            worn_end = matches[stop - 1].end if stop - 1 > index else match.end
+            tail = CLAUSE_BREAK.search(caption, worn_end, end)
+            attributes = taxonomy.attributes_in(caption[match.end : tail.start() if tail else end])
             entity["attributes"] = {k: v for k, v in attributes.items() if v}
             entity["group"] = f"g{sum(1 for e in entities if e['kind'] == 'subject')}"
         entities.append(entity)

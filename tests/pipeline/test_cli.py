@@ -229,3 +229,12 @@ def test_runs_on_an_existing_cluster_given_by_address(tmp_path, bad_inputs):
         head.wait()
         log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_missing_model_fails_before_any_work(tmp_path, bad_inputs):
+    out = tmp_path / "o"
+    proc = s2v("curate", "run", "--input", str(bad_inputs["good"]), "--output", str(out),
+               "--set", f"clip_score.model.path={tmp_path / 'no-such-clip'}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "clip_score model" in proc.stderr and "no-such-clip" in proc.stderr
+    assert not (out / "config.yaml").exists()  # nothing pinned by a run that never started

@@ -24,6 +24,12 @@ def test_subjects_objects_background_with_word_tags_and_groups():
     assert [e["id"] for e in entities] == [f"e{i}" for i in range(len(entities))]
 
 
+def test_attributes_stop_at_the_clause_that_names_the_next_entity():
+    caption = "A smiling woman in an orange spacesuit and a white rocket stand on the moon."
+    woman = next(e for e in extract_entities(caption, Taxonomy.load()) if e["category"] == "woman")
+    assert "orange" in woman["attributes"]["colors"] and "white" not in woman["attributes"]["colors"]
+
+
 def test_repeated_mentions_make_one_entity():
     entities = extract_entities("A cat sleeps. The cat wakes up and the cats play.", Taxonomy.load())
     assert [e["category"] for e in entities] == ["cat"]
