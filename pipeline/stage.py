@@ -21,6 +21,8 @@ class Stage:
 
     name: ClassVar[str] = "stage"
     stateful: ClassVar[bool] = False
+    # The config section whose `resources` this stage asks for; None = the defaults (1 CPU, 0.5 GB, batch 1).
+    section: ClassVar[str | None] = None
 
     def __init__(self, config: RunConfig):
         self.config = config
@@ -28,7 +30,9 @@ class Stage:
     @property
     def resources(self) -> StageResources:
         """CPUs, GPUs (fractional allowed), memory and batch size one worker of this stage asks for."""
-        return StageResources(num_cpus=1.0, memory_gb=0.5, batch_size=1)
+        if self.section is None:
+            return StageResources()
+        return getattr(self.config, self.section).resources
 
     def setup(self) -> None:
         """Load models and other per-worker state. Called once per worker before the first batch."""

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import StageResources
 from pipeline.models import ModelSpec, load_pretrained, load_processor, torch_device
 from pipeline.record import Record
 from pipeline.stage import Stage
@@ -119,9 +118,7 @@ class Captioner(Stage):
     name = "caption"
     stateful = True
 
-    @property
-    def resources(self) -> StageResources:
-        return self.config.caption.resources
+    section = "caption"  # resources come from config.caption.resources
 
     def setup(self) -> None:
         cfg = self.config.caption

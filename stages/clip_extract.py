@@ -8,7 +8,6 @@ import uuid
 
 import numpy as np
 
-from pipeline.config import StageResources
 from pipeline.inputs import caption_for_span
 from pipeline.record import Record
 from pipeline.stage import Stage
@@ -59,9 +58,7 @@ class ClipExtractor(Stage):
 
     name = "clip_extract"
 
-    @property
-    def resources(self) -> StageResources:
-        return self.config.clips.resources
+    section = "clips"  # resources come from config.clips.resources
 
     def process(self, records: list[Record]) -> list[Record]:
         out: list[Record] = []

@@ -11,7 +11,6 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.config import StageResources
 from pipeline.models import ModelSpec, ModelUnavailable, resolve_model_dir, torch_device, torch_dtype
 from pipeline.record import Record
 from pipeline.stage import Stage
@@ -120,9 +119,7 @@ class ClipScore(Stage):
     name = "clip_score"
     stateful = True
 
-    @property
-    def resources(self) -> StageResources:
-        return self.config.clip_score.resources
+    section = "clip_score"  # resources come from config.clip_score.resources
 
     def setup(self) -> None:
         import open_clip

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 
-from pipeline.config import StageResources
 from pipeline.record import Record
 from pipeline.stage import Stage
 
@@ -62,9 +61,7 @@ def extract_entities(caption: str, taxonomy) -> list[dict]:
 class EntityExtractor(Stage):
     name = "entities"
 
-    @property
-    def resources(self) -> StageResources:
-        return self.config.entities.resources
+    section = "entities"  # resources come from config.entities.resources
 
     def setup(self) -> None:
         from taxonomies.matcher import Taxonomy

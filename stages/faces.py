@@ -22,7 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.config import RunConfig, StageResources
+from pipeline.boxes import clip_box
+from pipeline.config import RunConfig
 from pipeline.models import ModelUnavailable, resolve_model_dir
 from pipeline.record import Record
 from pipeline.stage import Stage
@@ -132,12 +133,6 @@ class FoundFace:
     landmarks: np.ndarray  # (5, 2) float, LANDMARK_NAMES order
     pose: tuple[float, float, float] | None
     embedding: np.ndarray  # (D,) float32, unit norm
-
-
-def clip_box(box, width: int, height: int) -> list[int]:
-    """[x0, y0, x1, y1] rounded to pixels and clipped to the frame."""
-    x0, y0, x1, y1 = (int(round(float(v))) for v in box)
-    return [min(max(x0, 0), width), min(max(y0, 0), height), min(max(x1, 0), width), min(max(y1, 0), height)]
 
 
 def box_size(box: list[int]) -> int:
@@ -315,9 +310,7 @@ class FaceDetector(Stage):
     def stateful(self) -> bool:  # insightface sessions live in an actor; dlib loads in ~1 s per task process
         return self.backend_name == "insightface"
 
-    @property
-    def resources(self) -> StageResources:
-        return self.config.faces.resources
+    section = "faces"  # resources come from config.faces.resources
 
     def setup(self) -> None:
         cfg = self.config.faces

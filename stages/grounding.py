@@ -23,11 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import StageResources
+from pipeline.boxes import clip_box
 from pipeline.models import load_pretrained, load_processor
 from pipeline.record import Record
 from pipeline.stage import Stage
-from stages.faces import clip_box
 
 PERSON = "person"
 GROUNDED_KINDS = ("subject", "object")
@@ -121,9 +120,7 @@ class Grounder(Stage):
     # Images per forward pass: bounds peak accelerator memory (Grounding DINO resizes to 800 px short side).
     max_images_per_pass = 16
 
-    @property
-    def resources(self) -> StageResources:
-        return self.config.grounding.resources
+    section = "grounding"  # resources come from config.grounding.resources
 
     def setup(self) -> None:
         import transformers

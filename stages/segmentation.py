@@ -30,7 +30,6 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.config import StageResources
 from pipeline.models import (
     ModelSpec,
     ModelUnavailable,
@@ -330,9 +329,7 @@ class Segmenter(Stage):
     name = "segmentation"
     stateful = True
 
-    @property
-    def resources(self) -> StageResources:
-        return self.config.segmentation.resources
+    section = "segmentation"  # resources come from config.segmentation.resources
 
     def setup(self) -> None:
         cfg = self.config.segmentation

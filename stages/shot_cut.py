@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipeline.config import RunConfig, StageResources
+from pipeline.config import RunConfig
 from pipeline.record import Record
 from pipeline.stage import Stage
 from pipeline.video import VideoError, fit_size, iter_frames
@@ -127,9 +127,7 @@ class ShotCutter(Stage):
     def stateful(self) -> bool:  # TransNetV2 is a model: load it once per actor
         return self.backend == "transnetv2"
 
-    @property
-    def resources(self) -> StageResources:
-        return self.config.shots.resources
+    section = "shots"  # resources come from config.shots.resources
 
     def setup(self) -> None:
         if self.backend == "transnetv2":

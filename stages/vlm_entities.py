@@ -31,7 +31,6 @@ from typing import Annotated
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, ValidationInfo, model_validator
 
-from pipeline.config import StageResources
 from pipeline.record import Record
 from pipeline.stage import Stage
 from stages.captioning import QwenVL, load_prompt
@@ -294,9 +293,7 @@ class VlmEntityExtractor(Stage):
     name = "entities"
     stateful = True
 
-    @property
-    def resources(self) -> StageResources:
-        return self.config.entities.resources
+    section = "entities"  # resources come from config.entities.resources
 
     def setup(self) -> None:
         from taxonomies.matcher import Taxonomy
