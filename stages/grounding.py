@@ -30,6 +30,7 @@ from pipeline.stage import Stage
 
 PERSON = "person"
 GROUNDED_KINDS = ("subject", "object")
+GROUNDED_PARTS = ("top", "bottom", "accessories", "hairstyle", "footwear")
 # Characters that would split or end a phrase in a Grounding DINO prompt ("." and "?" are its delimiter tokens).
 _DELIMITERS = re.compile(r"[.?]+")
 _SPECIAL_TOKEN = re.compile(r"\[[^\]]*\]")  # [CLS], [SEP], [PAD], ... in a decoded label
@@ -41,6 +42,7 @@ class Query:
 
     text: str
     entity: str | None
+    part: str | None = None  # for a subject's attribute (LumosX): "top", "bottom", "accessories", "hairstyle", ...
 
 
 def normalize_phrase(text: str) -> str:
@@ -49,9 +51,11 @@ def normalize_phrase(text: str) -> str:
 
 
 def grounding_queries(entities: Sequence[dict]) -> list[Query]:
-    """The phrases to ground for these entities, in entity order: subject and object words, then "person" when
-    there is a subject. A phrase asked twice is asked once, for the first entity that names it; a subject whose
-    word is "person" keeps that query (its detections are then both the subject's and the persons')."""
+    """The phrases to ground for these entities, in entity order: subject and object words, then the attribute
+    words of subjects that name a visible region (clothing, accessories, hairstyle, footwear; LumosX masks these
+    so a subject's attributes get references of their own), then "person" when there is a subject. A phrase asked
+    twice is asked once, for the first entity that names it; a subject whose word is "person" keeps that query
+    (its detections are then both the subject's and the persons')."""
     queries: list[Query] = []
     seen: set[str] = set()
     for entity in entities:
@@ -59,6 +63,13 @@ def grounding_queries(entities: Sequence[dict]) -> list[Query]:
         if entity.get("kind") in GROUNDED_KINDS and text and text not in seen:
             seen.add(text)
             queries.append(Query(text, entity["id"]))
+    for entity in entities:
+        for part in GROUNDED_PARTS:
+            for word in (entity.get("attributes") or {}).get(part, []) if entity.get("kind") == "subject" else []:
+                text = normalize_phrase(word)
+                if text and text not in seen:
+                    seen.add(text)
+                    queries.append(Query(text, entity["id"], part))
     if PERSON not in seen and any(e.get("kind") == "subject" for e in entities):
         queries.append(Query(PERSON, None))
     return queries
@@ -225,6 +236,7 @@ class Grounder(Stage):
                 "keyframe": keyframe,
                 "entity": queries[match].entity,
                 "label": queries[match].text,
+                "part": queries[match].part,
                 "phrase": " . ".join(phrase_segments(phrase)),
                 "box": box,
                 "score": float(score),

@@ -186,7 +186,7 @@ def test_detections_on_real_photos_have_the_record_format(loose_stage):
     # Thresholds 0: each of the 30 queries on each keyframe yields a box (minus any clipped to nothing).
     assert 0.8 * 3 * 30 <= len(detections) <= 3 * 30
     assert [d["id"] for d in detections] == [f"d{i}" for i in range(len(detections))]
-    assert set(detections[0]) == {"id", "keyframe", "entity", "label", "phrase", "box", "score"}
+    assert set(detections[0]) == {"id", "keyframe", "entity", "label", "part", "phrase", "box", "score"}
     labels = {"woman": "e0", "cup": "e1", "person": None}
     for d in detections:
         assert d["keyframe"] in (0, 1, 2)
@@ -291,3 +291,16 @@ def test_fit_queries_keeps_person_and_drops_from_the_end():
     assert fit_queries(queries, count, 100) == (queries, [])
     assert fit_queries(queries, count, 8) == ([queries[0], queries[3]], [queries[1], queries[2]])
     assert fit_queries(queries, count, 2) == ([queries[3]], queries[:3])  # nothing left to drop: the model decides
+
+
+def test_subject_attributes_are_grounded_as_parts_of_their_subject():
+    entities = [
+        {"id": "e0", "kind": "subject", "word": "woman", "attributes": {"top": ["spacesuit"], "colors": ["orange"],
+                                                                        "accessories": ["watch"]}},
+        {"id": "e1", "kind": "object", "word": "cup"},
+    ]
+    queries = grounding_queries(entities)
+    assert [(q.text, q.entity, q.part) for q in queries] == [
+        ("woman", "e0", None), ("cup", "e1", None), ("spacesuit", "e0", "top"), ("watch", "e0", "accessories"),
+        ("person", None, None),
+    ]  # colours name no region of their own
