@@ -113,8 +113,9 @@ def _unit(features) -> np.ndarray:
 
 
 class ClipScore(Stage):
-    """Caption alignment (mean keyframe-caption cosine; None without a caption) into `meta.stats.clip`, and the
-    keyframe embeddings into `blobs["clip_keyframe_embeddings"]` (float32 (K, D)) for identity clustering."""
+    """Caption alignment (mean keyframe-caption cosine; None without a caption) into `meta.stats.clip`, the
+    keyframe embeddings into `blobs["clip_keyframe_embeddings"]` (float32 (K, D)) for identity clustering, and a
+    category score per detection crop (`detection["clip_category_score"]`)."""
 
     name = "clip_score"
     stateful = True
@@ -152,4 +153,27 @@ class ClipScore(Stage):
             record.blobs["clip_keyframe_embeddings"] = own
             record.meta.setdefault("stats", {})["clip"] = {"caption_alignment": alignment, "model": self.spec.path}
             record.meta.setdefault("provenance", {})[self.name] = self.provenance
+        self._score_instances(scored)
         return records
+
+    def _score_instances(self, records: list[Record]) -> None:
+        """Kaleido's CLIP category check, as a stat: each detection's box crop against "a photo of a {category}"
+        of its entity (persons against "person"), into `detection["clip_category_score"]`. One image pass for all
+        crops of the batch; the filter that drops low scores reads this stat later."""
+        crops, targets, owners = [], [], []
+        for record in records:
+            categories = {e["id"]: e.get("category") or e.get("word") for e in record.meta.get("entities", [])}
+            for detection in record.meta.get("detections", []):
+                x0, y0, x1, y1 = detection["box"]
+                crop = record.blobs["keyframes"][detection["keyframe"]][y0:y1, x0:x1]
+                if crop.size == 0:
+                    continue
+                crops.append(np.ascontiguousarray(crop))
+                targets.append(categories.get(detection["entity"]) or detection["label"])
+                owners.append(detection)
+        if not crops:
+            return
+        names = sorted(set(targets))
+        scores = self.scorer.category_scores(crops, names)
+        for row, target, detection in zip(scores, targets, owners):
+            detection["clip_category_score"] = float(row[names.index(target)])

@@ -173,3 +173,18 @@ def test_missing_model_raises_model_unavailable_naming_the_role(tmp_path, tiny_c
     (tmp_path / "open_clip_config.json").write_text((tiny_clip[0] / "open_clip_config.json").read_text())
     with pytest.raises(ModelUnavailable, match="no weights file"):
         ClipScorer.from_spec(ModelSpec(path=str(tmp_path)))
+
+
+def test_each_detection_crop_gets_its_category_score(stage, scorer, photos):
+    record = clip_record([photos[0], photos[1]], "a woman")
+    record.meta["entities"] = [{"id": "e0", "kind": "subject", "word": "woman", "category": "woman"}]
+    record.meta["detections"] = [
+        {"id": "d0", "keyframe": 0, "entity": "e0", "label": "woman", "box": [10, 10, 50, 60], "score": 0.9},
+        {"id": "d1", "keyframe": 1, "entity": None, "label": "person", "box": [0, 0, 30, 30], "score": 0.8},
+    ]
+    [out] = run_stage(stage, [record])
+    frames = out.blobs["keyframes"]
+    crops = [frames[0][10:60, 10:50], frames[1][0:30, 0:30]]
+    expected = [scorer.category_scores([crops[0]], ["woman"])[0, 0], scorer.category_scores([crops[1]], ["person"])[0, 0]]
+    got = [d["clip_category_score"] for d in out.meta["detections"]]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
