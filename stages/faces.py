@@ -341,14 +341,16 @@ class FaceDetector(Stage):
         entries, embeddings, errors = [], [], []
         for k, frame in enumerate(frames):
             try:
-                found = self.backend.detect(np.ascontiguousarray(frame))
+                found = self._detect_in_people(record, k, frame)
             except Exception as exc:  # one bad frame (or a backend hiccup) must not cost the clip its other frames
                 errors.append(f"keyframe {k}: {type(exc).__name__}: {exc}")
                 continue
-            for face in found:
+            for face, person in found:
                 yaw, pitch, roll = face.pose if face.pose is not None else (None, None, None)
                 entries.append({
                     "keyframe": k,
+                    "detection": person["id"] if person else None,
+                    "entity": person["entity"] if person else None,
                     "box": face.box,
                     "score": round(face.score, 4),
                     "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in face.landmarks],
@@ -369,6 +371,45 @@ class FaceDetector(Stage):
             np.stack(embeddings).astype(np.float32) if embeddings else np.zeros((0, self.backend.dim), np.float32)
         )
         record.meta.setdefault("provenance", {})[self.name] = self.backend.description
+
+
+    def _detect_in_people(self, record: Record, k: int, frame: np.ndarray) -> list[tuple[FoundFace, dict | None]]:
+        """Faces of keyframe k with the person detection each lies in. As in LumosX, faces are searched inside the
+        human boxes when grounding ran (a face then belongs to that person, and background faces on posters or
+        screens are not subjects); without grounding, the whole keyframe is searched."""
+        detections = record.meta.get("detections")
+        if detections is None:
+            return [(face, None) for face in self.backend.detect(np.ascontiguousarray(frame))]
+        subjects = {e["id"] for e in record.meta.get("entities", []) if e["kind"] == "subject"}
+        people = [d for d in detections if d["keyframe"] == k and d.get("part") is None
+                  and (d["label"] == "person" or d["entity"] in subjects)]
+        # Subject boxes first: a face found in both "woman" and "person" boxes is kept once, with the subject.
+        people.sort(key=lambda d: (d["entity"] is None, -d["score"]))
+        height, width = frame.shape[:2]
+        found: list[tuple[FoundFace, dict]] = []
+        for person in people:
+            x0, y0, x1, y1 = person["box"]
+            pad_x, pad_y = (x1 - x0) // 10, (y1 - y0) // 10  # a little context: faces at the box edge still fit
+            x0, y0, x1, y1 = clip_box((x0 - pad_x, y0 - pad_y, x1 + pad_x, y1 + pad_y), width, height)
+            if x1 - x0 < self.config.faces.min_face_px or y1 - y0 < self.config.faces.min_face_px:
+                continue
+            for face in self.backend.detect(np.ascontiguousarray(frame[y0:y1, x0:x1])):
+                face = _shifted(face, x0, y0)
+                if all(_iou(face.box, other.box) <= 0.5 for other, _ in found):
+                    found.append((face, person))
+        return found
+
+
+def _shifted(face: FoundFace, dx: int, dy: int) -> FoundFace:
+    """A face found in a crop, in keyframe coordinates."""
+    box = [face.box[0] + dx, face.box[1] + dy, face.box[2] + dx, face.box[3] + dy]
+    return FoundFace(box, face.score, face.landmarks + np.array([dx, dy]), face.pose, face.embedding)
+
+
+def _iou(a: list[int], b: list[int]) -> float:
+    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union else 0.0
 
 
 def _deg(value: float | None) -> float | None:

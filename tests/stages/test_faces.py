@@ -146,6 +146,26 @@ def test_thresholds_change_the_results_as_configured(photos):
     assert astronaut(f"faces.min_score={score + 0.01}") == []
 
 
+def test_with_grounding_faces_are_searched_inside_person_boxes_only(photos):
+    [(whole_frame_face, embedding)] = faces_on(photos, 0)
+    x0, y0, x1, y1 = whole_frame_face["box"]
+    record = clip_with([ASTRONAUT, ASTRONAUT])
+    record.meta["entities"] = [{"id": "e0", "kind": "subject", "word": "woman", "category": "woman"}]
+    # Keyframe 0: a "woman" box around her head and shoulders; keyframe 1: a person box elsewhere in the frame.
+    record.meta["detections"] = [
+        {"id": "d0", "keyframe": 0, "entity": "e0", "label": "woman", "part": None,
+         "box": [x0 - 40, y0 - 40, x1 + 60, y1 + 120], "score": 0.9},
+        {"id": "d1", "keyframe": 0, "entity": None, "label": "person", "part": None,
+         "box": [x0 - 50, y0 - 50, x1 + 50, y1 + 50], "score": 0.8},
+        {"id": "d2", "keyframe": 1, "entity": None, "label": "person", "part": None, "box": [0, 0, 60, 60], "score": 0.7},
+    ]
+    [out] = run_stage(FaceDetector(build_config()), [record])
+    [face] = out.meta["faces"]  # found in both boxes, kept once, with the subject's box
+    assert (face["keyframe"], face["detection"], face["entity"]) == (0, "d0", "e0")
+    assert np.abs(np.array(face["box"]) - np.array(whole_frame_face["box"])).max() <= 3  # back in frame pixels
+    assert float(out.blobs["face_embeddings"][0] @ embedding) > 0.98
+
+
 def test_dlib_score_mapping():
     assert dlib_score(0.5) == pytest.approx(0.5)
     assert dlib_score(1.0) == pytest.approx(1 / (1 + math.exp(-1)))
