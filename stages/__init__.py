@@ -50,6 +50,8 @@ def build_flow(config) -> list[type]:
 def preflight(config) -> None:
     """Fail before any work when a configured model or the taxonomy cannot be found: one clear message instead of
     every worker failing the same way. Only locates files; loading happens once per worker in `setup()`."""
+    import yaml
+
     from pipeline.config import ConfigError
     from pipeline.models import ModelUnavailable, resolve_model_dir
     from taxonomies.matcher import Taxonomy
@@ -64,7 +66,7 @@ def preflight(config) -> None:
                 problems.append(str(exc))
     try:
         Taxonomy.load(config.entities.taxonomy)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, yaml.YAMLError) as exc:
         problems.append(f"entities.taxonomy: {exc}")
     if problems:
         raise ConfigError("\n".join(problems))

@@ -1,0 +1,129 @@
+"""Items/s of each model stage on this machine's CPU: the offline real-weight backends (dlib faces, taxonomy
+entities, TransNetV2 shot cutting) and tiny random-init models of the production classes (Qwen2.5-VL, Grounding
+DINO, SAM, open_clip), which measure the stage's own overhead around the model, not production model speed.
+
+Each stage runs through `run_stage` on clip records made from real photos (3 keyframes of 640x360 per clip).
+Prints one JSON object on its last line: {"<stage>": {"items_per_s", "items", "model"}, ...}.
+Production-size numbers need a GPU machine; record them in docs/performance.md when one is available.
+
+    python benchmarks/model_stages.py [--clips 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from skimage import data
+
+from pipeline.config import build_config
+from pipeline.record import Record
+from pipeline.stage import run_stage
+
+REPO = Path(__file__).resolve().parents[1]
+CAPTION = "A smiling woman in an orange spacesuit holds a cup of coffee next to a tabby cat on a brick wall."
+
+
+def _load(path: Path):
+    """The tiny-model builders the tests use (by file path: tests/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def clip_records(count: int) -> list[Record]:
+    photos = [data.astronaut(), data.chelsea(), data.coffee()]
+    frames = np.stack([cv2.resize(p, (640, 360), interpolation=cv2.INTER_AREA) for p in photos])
+    records = []
+    for i in range(count):
+        record = Record(kind="clip", source_path="bench.mp4", key=f"k{i}")
+        record.blobs["keyframes"] = frames.copy()
+        record.meta["caption"] = {"text": CAPTION, "source": "metadata"}
+        records.append(record)
+    return records
+
+
+def tiny_models(root: Path) -> dict[str, Path]:
+    tests = REPO / "tests" / "stages"
+    qwen = _load(tests / "tiny_qwen.py").build_tiny_qwen(root / "qwen")
+    (root / "gdino").mkdir()
+    _load(tests / "test_grounding.py").save_tiny_grounding_dino(root / "gdino")
+    segmentation = _load(tests / "test_segmentation.py")
+    (root / "sam").mkdir()
+    state = segmentation.build_sam(segmentation.SamArchitecture(**segmentation.TINY_SAM)).state_dict()
+    save_file(state, str(root / "sam" / "sam.safetensors"))
+    (root / "sam" / "sam_config.json").write_text(json.dumps(segmentation.TINY_SAM))
+    import open_clip
+
+    clip = _load(tests / "test_clip_score.py")
+    (root / "clip").mkdir()
+    save_file(open_clip.CLIP(**clip.TINY_CLIP).state_dict(), str(root / "clip" / "open_clip_model.safetensors"))
+    (root / "clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": clip.TINY_CLIP}))
+    return {"qwen": qwen, "gdino": root / "gdino", "sam": root / "sam", "clip": root / "clip"}
+
+
+def measure(stage_cls, overrides: list[str], records: list[Record], batch: int) -> float:
+    stage = stage_cls(build_config({}, overrides))
+    stage.setup()
+    run_stage(stage, [r for r in records[:1]])  # warm-up: first-call costs are not throughput
+    start = time.perf_counter()
+    for i in range(0, len(records), batch):
+        run_stage(stage, records[i : i + batch])
+    return len(records) / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # one core per worker, as in a run
+    from stages.captioning import Captioner
+    from stages.clip_score import ClipScore
+    from stages.entities import EntityExtractor
+    from stages.faces import FaceDetector
+    from stages.grounding import Grounder
+    from stages.segmentation import Segmenter
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        models = tiny_models(Path(tmp))
+        records = clip_records(args.clips)
+        plan = [
+            ("entities", EntityExtractor, [], "taxonomy (real)"),
+            ("faces", FaceDetector, [], "dlib HOG + ResNet-128 (real weights)"),
+            ("caption", Captioner, [f"caption.model.path={models['qwen']}", "caption.max_new_tokens=16",
+                                    "caption.replace_metadata_captions=true"], "tiny Qwen2.5-VL"),
+            ("grounding", Grounder, [f"grounding.model.path={models['gdino']}"], "tiny Grounding DINO"),
+            ("clip_score", ClipScore, [f"clip_score.model.path={models['clip']}"], "tiny open_clip ViT"),
+        ]
+        for name, cls, overrides, model in plan:
+            fresh = clip_records(args.clips)
+            if name == "grounding":  # grounding needs entities
+                fresh = run_stage(EntityExtractor(build_config()), fresh)
+            rate = measure(cls, overrides, fresh, args.batch)
+            results[name] = {"items_per_s": round(rate, 2), "items": args.clips, "model": model}
+        # Segmentation needs detections: give every keyframe three boxes.
+        fresh = clip_records(args.clips)
+        for record in fresh:
+            record.meta["detections"] = [
+                {"id": f"d{k * 3 + j}", "keyframe": k, "entity": None, "label": "person",
+                 "box": [40 + 150 * j, 40, 180 + 150 * j, 300], "score": 0.9}
+                for k in range(3) for j in range(3)
+            ]
+        rate = measure(Segmenter, [f"segmentation.model.path={models['sam']}"], fresh, args.batch)
+        results["segmentation"] = {"items_per_s": round(rate, 2), "items": args.clips, "model": "tiny SAM (9 boxes)"}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
