@@ -21,7 +21,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from skimage import data
 
 from pipeline.config import build_config
@@ -30,14 +29,6 @@ from pipeline.stage import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTION = "A smiling woman in an orange spacesuit holds a cup of coffee next to a tabby cat on a brick wall."
-
-
-def _load(path: Path):
-    """The tiny-model builders the tests use (by file path: tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def clip_records(count: int) -> list[Record]:
@@ -53,22 +44,11 @@ def clip_records(count: int) -> list[Record]:
 
 
 def tiny_models(root: Path) -> dict[str, Path]:
-    tests = REPO / "tests" / "stages"
-    qwen = _load(tests / "tiny_qwen.py").build_tiny_qwen(root / "qwen")
-    (root / "gdino").mkdir()
-    _load(tests / "test_grounding.py").save_tiny_grounding_dino(root / "gdino")
-    segmentation = _load(tests / "test_segmentation.py")
-    (root / "sam").mkdir()
-    state = segmentation.build_sam(segmentation.SamArchitecture(**segmentation.TINY_SAM)).state_dict()
-    save_file(state, str(root / "sam" / "sam.safetensors"))
-    (root / "sam" / "sam_config.json").write_text(json.dumps(segmentation.TINY_SAM))
-    import open_clip
-
-    clip = _load(tests / "test_clip_score.py")
-    (root / "clip").mkdir()
-    save_file(open_clip.CLIP(**clip.TINY_CLIP).state_dict(), str(root / "clip" / "open_clip_model.safetensors"))
-    (root / "clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": clip.TINY_CLIP}))
-    return {"qwen": qwen, "gdino": root / "gdino", "sam": root / "sam", "clip": root / "clip"}
+    """The tiny models the tests use (tests/tiny_models.py, loaded by path: tests/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("tiny_models", REPO / "tests" / "tiny_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_tiny_models(root)
 
 
 def measure(stage_cls, overrides: list[str], records: list[Record], batch: int) -> float:
@@ -97,7 +77,6 @@ def main():
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         models = tiny_models(Path(tmp))
-        records = clip_records(args.clips)
         plan = [
             ("entities", EntityExtractor, [], "taxonomy (real)"),
             ("faces", FaceDetector, [], "dlib HOG + ResNet-128 (real weights)"),

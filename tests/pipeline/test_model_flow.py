@@ -10,9 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import webdataset as wds
-from safetensors.torch import save_file
 
 from pipeline.config import build_config
 from pipeline.runner import curate
@@ -20,35 +18,13 @@ from pipeline.runner import curate
 HERE = Path(__file__).resolve().parent
 
 
-def _load(path: Path):
-    """Test modules by file path: pytest's importlib mode gives test directories no package to import from."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    stages_tests = HERE.parent / "stages"
-    root = tmp_path_factory.mktemp("models")
-    qwen = _load(stages_tests / "tiny_qwen.py").build_tiny_qwen(root / "qwen")
-    grounding = _load(stages_tests / "test_grounding.py")
-    (root / "gdino").mkdir()
-    grounding.save_tiny_grounding_dino(root / "gdino")
-    segmentation = _load(stages_tests / "test_segmentation.py")
-    (root / "sam").mkdir()
-    torch.manual_seed(0)
-    save_file(segmentation.build_sam(segmentation.SamArchitecture(**segmentation.TINY_SAM)).state_dict(),
-              str(root / "sam" / "sam.safetensors"))
-    (root / "sam" / "sam_config.json").write_text(json.dumps(segmentation.TINY_SAM))
-    clip = _load(stages_tests / "test_clip_score.py")
-    import open_clip
-
-    (root / "clip").mkdir()
-    save_file(open_clip.CLIP(**clip.TINY_CLIP).state_dict(), str(root / "clip" / "open_clip_model.safetensors"))
-    (root / "clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": clip.TINY_CLIP}))
-    return {"qwen": qwen, "gdino": root / "gdino", "sam": root / "sam", "clip": root / "clip"}
+    # Loaded by path: pytest's importlib mode gives tests/ no package to import from.
+    spec = importlib.util.spec_from_file_location("tiny_models", HERE.parent / "tiny_models.py")
+    tiny_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny_models)
+    return tiny_models.build_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 def test_model_stages_compose_on_ray(model_dirs, demo_corpus, tmp_path):
