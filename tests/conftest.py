@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from fractions import Fraction
 from pathlib import Path
 
@@ -13,6 +14,28 @@ from skimage import data
 
 from pipeline.demo_data import build_demo_corpus
 from pipeline.video import encode_video
+
+TESTS = Path(__file__).resolve().parent
+
+
+def load_by_path(path: Path):
+    """A helper module of the tests, by file: pytest's importlib mode puts no test folder on sys.path."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory) -> Path:
+    """A tiny random-init Qwen2.5-VL (model, processor, tokenizer) saved with save_pretrained."""
+    return load_by_path(TESTS / "stages" / "tiny_qwen.py").build_tiny_qwen(tmp_path_factory.mktemp("qwen"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny models of every production class: {"qwen", "gdino", "sam", "clip"} -> directories."""
+    return load_by_path(TESTS / "tiny_models.py").build_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="session")

@@ -5,40 +5,25 @@ output is there, in the place and shape the next one and the shard format expect
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-import pytest
 import webdataset as wds
 
 from pipeline.config import build_config
 from pipeline.runner import curate
 
-HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    # Loaded by path: pytest's importlib mode gives tests/ no package to import from.
-    spec = importlib.util.spec_from_file_location("tiny_models", HERE.parent / "tiny_models.py")
-    tiny_models = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny_models)
-    return tiny_models.build_tiny_models(tmp_path_factory.mktemp("models"))
-
-
-def test_model_stages_compose_on_ray(model_dirs, demo_corpus, tmp_path):
+def test_model_stages_compose_on_ray(tiny_model_dirs, demo_corpus, tmp_path):
     # Metadata captions win over the (gibberish) VLM captions, so taxonomy entities exist and grounding,
     # segmentation, faces and CLIP all get work. The VLM entity path has its own tests: random weights never
     # write valid entity JSON, so with it every clip would (rightly) stop at "entities_malformed".
     small = "{num_cpus: 0.25, batch_size: 4, workers: 1}"  # the model actors must fit beside the decode tasks
     config = build_config({}, [
-        f"caption.model.path={model_dirs['qwen']}", "caption.max_new_tokens=8", "caption.max_pixels=12544",
+        f"caption.model.path={tiny_model_dirs['qwen']}", "caption.max_new_tokens=8", "caption.max_pixels=12544",
         f"caption.resources={small}",
-        f"grounding.model.path={model_dirs['gdino']}", "grounding.box_threshold=0.0", "grounding.text_threshold=0.0",
+        f"grounding.model.path={tiny_model_dirs['gdino']}", "grounding.box_threshold=0.0", "grounding.text_threshold=0.0",
         f"grounding.resources={small}",
-        f"segmentation.model.path={model_dirs['sam']}", f"segmentation.resources={small}",
-        f"clip_score.model.path={model_dirs['clip']}", f"clip_score.resources={small}",
+        f"segmentation.model.path={tiny_model_dirs['sam']}", f"segmentation.resources={small}",
+        f"clip_score.model.path={tiny_model_dirs['clip']}", f"clip_score.resources={small}",
         "shots.max_clip_s=4.0", "clips.max_short_side=120", "ray.progress=false", "ray.num_cpus=2",
     ])
     config.input.paths = [str(sorted((demo_corpus / "videos").glob("*.mp4"))[0])]

@@ -4,12 +4,10 @@ Random weights write gibberish, so these tests assert the stage contract: where 
 call per batch, greedy (repeatable) output, the token budget, and errors as data.
 """
 
-import importlib.util
 from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 from skimage import data
 
 from pipeline.config import build_config
@@ -19,18 +17,6 @@ from stages.captioning import Captioner
 
 MAX_NEW_TOKENS = 12
 
-
-def _load_helper():
-    # pytest runs in importlib mode (pyproject), which puts no test folder on sys.path: load the builder by file.
-    spec = importlib.util.spec_from_file_location("tiny_qwen", Path(__file__).with_name("tiny_qwen.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen(tmp_path_factory) -> Path:
-    return _load_helper().build_tiny_qwen(tmp_path_factory.mktemp("qwen"))
 
 
 def make_stage(model_dir: Path, *overrides: str) -> Captioner:

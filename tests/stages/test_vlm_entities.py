@@ -1,7 +1,6 @@
 """VLM entity extraction: JSON parsing, validation and repair, conversion to entity dicts, the numbered person
 boxes (LumosX's visual prior), and the re-ask loop driven end to end through a tiny random-init Qwen2.5-VL."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -45,18 +44,6 @@ PRIORS = [{"index": 1, "keyframe": 1, "box": [10.0, 20.0, 60.0, 150.0]},
 def taxonomy():
     return Taxonomy.load()
 
-
-def _load_helper():
-    # pytest runs in importlib mode (pyproject), which puts no test folder on sys.path: load the builder by file.
-    spec = importlib.util.spec_from_file_location("tiny_qwen", Path(__file__).with_name("tiny_qwen.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen(tmp_path_factory) -> Path:
-    return _load_helper().build_tiny_qwen(tmp_path_factory.mktemp("qwen"))
 
 
 # ------------------------------------------------------------------------------ parsing, validation, repair
