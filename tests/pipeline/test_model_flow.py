@@ -12,6 +12,7 @@ import webdataset as wds
 from pipeline.config import build_config
 from pipeline.runner import curate
 
+
 def test_model_stages_compose_on_ray(tiny_model_dirs, demo_corpus, tmp_path):
     # Metadata captions win over the (gibberish) VLM captions, so taxonomy entities exist and grounding,
     # segmentation, faces and CLIP all get work. The VLM entity path has its own tests: random weights never
