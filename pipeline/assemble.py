@@ -5,7 +5,9 @@ from __future__ import annotations
 from pipeline import __version__
 from pipeline.inputs import path_id
 from pipeline.record import Record
-from pipeline.shard_writer import mask_png, npy_bytes, sample_json
+from collections import Counter
+
+from pipeline.shard_writer import image_png, mask_png, npy_bytes, sample_json
 
 
 class SourceCollector:
@@ -75,7 +77,8 @@ def sample_metadata(record: Record, config_hash: str) -> dict:
         "clip": meta["clip"],
         "keyframes": meta.get("keyframes", []),
         "caption": meta.get("caption"),
-        "entities": meta.get("entities", []),
+        "entities": _entities_with_references(meta),
+        "background": {**meta["background"], "file": "bg.png"} if "background" in meta else None,
         "detections": meta.get("detections", []),
         "faces": meta.get("faces", []),
         "stats": meta.get("stats", {}),
@@ -85,6 +88,23 @@ def sample_metadata(record: Record, config_hash: str) -> dict:
             "config_hash": config_hash,
             "stages": meta.get("provenance", {}),
         },
+    }
+
+
+def _entities_with_references(meta: dict) -> list[dict]:
+    """Entities as KEY.json carries them: each with the references cut from it (the trainer reads them there)."""
+    references = [{k: v for k, v in r.items() if k not in ("k", "pending")} for r in meta.get("references", [])]
+    return [{**e, "references": [r for r in references if r["entity"] == e["id"]]} if "reference" in e else e
+            for e in meta.get("entities", [])]
+
+
+def reference_counts(meta: dict) -> dict:
+    """What the summary adds up per clip: realized and requested reference variants, and instance validity."""
+    references = meta.get("references", [])
+    return {
+        "variants": dict(Counter(r["variant"] for r in references)),
+        "requested": dict(Counter(r["requested"] for r in references)),
+        "instances": meta.get("stats", {}).get("instances"),
     }
 
 
@@ -123,7 +143,8 @@ def assemble_source(records: list[Record], config_hash: str, run_id: str) -> tup
             entry["stage"], entry["reason"] = stage, reason
             continue
         entry["status"] = "curated"
-        entry["clips"].append({"key": record.key, "status": status, "stage": stage, "reason": reason})
+        entry["clips"].append({"key": record.key, "status": status, "stage": stage, "reason": reason,
+                               **reference_counts(record.meta)})
         if status == "kept":
             entry["samples"].append(manifest_row(record))
             sample = {
@@ -135,5 +156,11 @@ def assemble_source(records: list[Record], config_hash: str, run_id: str) -> tup
                 sample["faces.npy"] = npy_bytes(record.blobs["face_embeddings"])  # rows follow KEY.json "faces"
             for index, mask in enumerate(record.blobs.get("masks", ())):
                 sample[f"dmask{index}.png"] = mask_png(mask)  # mask of KEY.json "detections"[index]
+            for reference in record.meta.get("references", []):
+                k = reference["k"]
+                sample[f"ref{k}.png"] = image_png(record.blobs[f"ref{k}"])
+                sample[f"mask{k}.png"] = mask_png(record.blobs[f"refmask{k}"])
+            if "background" in record.blobs:
+                sample["bg.png"] = image_png(record.blobs["background"])
             samples.append(sample)
     return entry, samples

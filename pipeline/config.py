@@ -183,8 +183,104 @@ class ClipScoreConfig(_Section):
     resources: StageResources = Field(default_factory=StageResources)
 
 
+class InstanceFilterConfig(_Section):
+    """Per-detection thresholds (Kaleido's instance filters). A detection failing one is invalid, not deleted."""
+
+    min_area: float = Field(0.01, ge=0, le=1, description="mask (else box) area as a fraction of the keyframe")
+    max_area: float = Field(0.9, ge=0, le=1)
+    min_clip_score: float | None = Field(None, description="CLIP category score (needs clip_score.model); null = off")
+    max_iou: float = Field(0.7, ge=0, le=1, description="box IoU with an instance of another entity in the frame")
+    min_brightness: float = Field(20.0, ge=0, le=255, description="mean luma inside the instance")
+    max_brightness: float = Field(240.0, ge=0, le=255)
+    min_sharpness: float = Field(10.0, ge=0, description="variance of the Laplacian inside the instance box")
+    require_face: bool = Field(True, description="humans: an instance without a face is invalid (InsightFace check)")
+    min_face_score: float = Field(0.5, ge=0, le=1, description="humans: a face of this score inside the instance")
+    require_frontal: bool = Field(True, description="humans: the face must be frontal (faces.max_yaw / max_pitch)")
+    min_face_px: int = Field(32, ge=1, description="humans: short side of the face box")
+
+    @model_validator(mode="after")
+    def _check_ranges(self):
+        if self.min_area > self.max_area:
+            raise ValueError(f"min_area ({self.min_area}) must be <= max_area ({self.max_area})")
+        if self.min_brightness > self.max_brightness:
+            raise ValueError(f"min_brightness ({self.min_brightness}) must be <= max_brightness ({self.max_brightness})")
+        return self
+
+
 class FiltersConfig(_Section):
     quality: QualityFilterConfig = Field(default_factory=QualityFilterConfig)
+    instances: InstanceFilterConfig = Field(default_factory=InstanceFilterConfig)
+
+
+class ConsolidationConfig(_Section):
+    """Linking an entity's instances across keyframes and picking its reference frame (PolyVivid, LumosX)."""
+
+    min_appearance: float = Field(0.5, ge=-1, le=1, description="colour-histogram correlation of two instances' masks")
+    min_face_similarity: float = Field(0.5, ge=-1, le=1, description="face-embedding cosine, when both have a face")
+    max_area_ratio: float = Field(3.0, ge=1, description="larger / smaller mask area of two linked instances")
+    seed: int = Field(0, description="reference-frame choice: seeded per clip, so reruns pick the same frames")
+
+
+class InpaintConfig(_Section):
+    """Generative fill for clean background plates and `inpaint` references: FLUX.1-Fill on GPU, OpenCV on CPU."""
+
+    backend: Literal["opencv", "flux-fill"] = Field("opencv", description="opencv: classical Telea fill (CPU)")
+    model: ModelSpec | None = Field(None, description="FLUX.1-Fill-dev diffusers directory (backend flux-fill)")
+    prompt: str = Field("an empty scene with nothing in the foreground", description="flux-fill text prompt")
+    steps: int = Field(28, ge=1)
+    guidance_scale: float = Field(30.0, ge=0)
+    max_side: int = Field(1024, ge=64, description="images are processed at most this large (long side)")
+    seed: int = 0
+    resources: StageResources = Field(default_factory=StageResources)
+
+    @model_validator(mode="after")
+    def _check_model(self):
+        if self.backend == "flux-fill" and self.model is None:
+            raise ValueError("backend flux-fill needs model.path (a FLUX.1-Fill diffusers directory)")
+        return self
+
+
+class BackgroundConfig(_Section):
+    """A clean background plate per clip: every instance mask of one keyframe, dilated, filled."""
+
+    enabled: bool = True
+    keyframe: int = Field(1, ge=0, description="index into clips.keyframes (1 = the middle one by default)")
+    dilate_px: int = Field(15, ge=0, description="masks grow by this many pixels before filling")
+
+
+class ReferencesConfig(_Section):
+    """Reference images per entity, in variants mixed by ratio (Kaleido: crop:segment:inpaint:redux = 1:5:3:1)."""
+
+    ratio: dict[Literal["crop", "segment", "inpaint", "redux"], float] = Field(
+        default_factory=lambda: {"crop": 1.0, "segment": 5.0, "inpaint": 3.0, "redux": 1.0},
+        description="relative share of each variant; unavailable ones (redux without a model) are recorded and "
+                    "their share goes to the others",
+    )
+    pad: float = Field(0.1, ge=0, le=1, description="crops grow by this fraction of the box on each side")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_ratio(self):
+        if any(v < 0 for v in self.ratio.values()) or sum(self.ratio.values()) <= 0:
+            raise ValueError(f"ratio needs non-negative shares with a positive sum (got {self.ratio})")
+        if not any(v > 0 for k, v in self.ratio.items() if k != "redux"):
+            raise ValueError("ratio gives weight only to redux, which has no backend in this release; "
+                             "give crop, segment or inpaint a share")
+        return self
+
+
+class CrossPairsConfig(_Section):
+    """Cross-paired samples (Kaleido): a committed sample's subjects swapped for the same identity from another clip,
+    or pasted onto the clean background of an unrelated source, so a subject is not tied to its own clip's scene."""
+
+    share: float = Field(0.4, ge=0, lt=1, description="cross / (own + cross) samples; 0.4 is the best point of "
+                                                       "Kaleido's ablation (0/20/40/60/80 %); 0 = off")
+    min_face_similarity: float = Field(
+        0.8, ge=-1, le=1,
+        description="face-embedding cosine for 'same identity' across clips. dlib's 128-d match threshold "
+                    "(euclidean 0.6 on unit vectors) is cosine ~0.82; ArcFace (insightface) needs ~0.4-0.5",
+    )
+    seed: int = Field(0, description="which samples are bases, which partner and which background each gets")
 
 
 class OutputConfig(_Section):
@@ -211,13 +307,20 @@ class RunConfig(_Section):
     faces: FacesConfig = Field(default_factory=FacesConfig)
     clip_score: ClipScoreConfig = Field(default_factory=ClipScoreConfig)
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
+    consolidation: ConsolidationConfig = Field(default_factory=ConsolidationConfig)
+    references: ReferencesConfig = Field(default_factory=ReferencesConfig)
+    inpaint: InpaintConfig = Field(default_factory=InpaintConfig)
+    background: BackgroundConfig = Field(default_factory=BackgroundConfig)
+    cross_pairs: CrossPairsConfig = Field(default_factory=CrossPairsConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     def hash(self) -> str:
         """Hash of everything that shapes the samples: not where inputs come from, where or how wide Ray runs,
         nor how samples are packed into shards, so a resume may move to a bigger cluster."""
-        exclude: dict = {"input": True, "ray": True, "output": {"shard_max_samples", "shard_max_mb"}}
+        # cross_pairs too: the cross set is rebuilt from the committed samples whenever its settings change.
+        exclude: dict = {"input": True, "ray": True, "output": {"shard_max_samples", "shard_max_mb"},
+                         "cross_pairs": True}
         for name, field in type(self).model_fields.items():
             if isinstance(field.annotation, type) and "resources" in getattr(field.annotation, "model_fields", {}):
                 exclude[name] = {"resources"}

@@ -10,6 +10,9 @@ sample whose source the next run would redo.
   {"type": "duplicate", "path", "source_id", ...}   -- a file whose content an earlier source already had
   {"type": "input_error", "source", "reason", ...}  -- an input pattern that matched nothing
   {"type": "run", ...}                                -- one per finished run: wall time and throughput
+  {"type": "cross", "own_digest", "shards": [...], "samples": [...], ...}
+                                                      -- the cross-pair set (pipeline/cross_pairs.py); the last
+                                                         one is current and its shards replace every earlier one's
 A source is committed when its entry is in the log. Everything else on disk (temporary shards, shards without
 an entry, shards that hold only samples of uncommitted sources) is debris of an interrupted run and is removed
 by `recover()` before a run starts, so a rerun neither duplicates nor loses a sample.
@@ -33,6 +36,11 @@ class LedgerState:
     runs: list[dict] = field(default_factory=list)
     duplicates: dict[str, dict] = field(default_factory=dict)  # path -> entry of a file whose content came before
     input_errors: dict[tuple[str, str], dict] = field(default_factory=dict)  # (pattern, reason) -> entry
+    cross: dict | None = None  # the last "cross" entry: the current cross-pair shards (pipeline/cross_pairs.py)
+
+    def cross_shards(self) -> set[str]:
+        """Shard paths (relative to OUT) of the current cross-pair set."""
+        return {s["shard"] for s in self.cross["shards"]} if self.cross else set()
 
     def committed_files(self) -> dict[tuple[str, int, int], str]:
         """(path, size, mtime_ns) -> source id: lets a rerun skip unchanged files without hashing them."""
@@ -68,6 +76,8 @@ class Ledger:
                 state.duplicates[entry["path"]] = entry
             elif kind == "run":
                 state.runs.append(entry)
+            elif kind == "cross":
+                state.cross = entry
         return state
 
     def append(self, entry: dict) -> None:
@@ -97,9 +107,12 @@ class Ledger:
             (self.out_dir / name).unlink(missing_ok=True)
             del state.shards[name]
         if shard_dir.is_dir():
+            # Cross shards named by no current cross line are debris too: written before a crash kept their line
+            # from committing, or superseded by a later line before the old files were deleted.
+            cross = state.cross_shards()
             for path in shard_dir.iterdir():
                 rel = f"{SHARD_DIR}/{path.name}"
-                if rel not in state.shards:
+                if rel not in state.shards and rel not in cross:
                     path.unlink()
         if orphaned or self._has_torn_line():
             self._rewrite(set(orphaned))

@@ -106,3 +106,27 @@ def load_state_dict(path: str | Path) -> dict:
     import torch
 
     return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def load_pipeline(pipeline_cls, spec: ModelSpec, role: str, **kwargs):
+    """A diffusers `pipeline_cls.from_pretrained` on the resolved local directory (the `save_pretrained` layout:
+    `model_index.json` plus one folder per component), offline, on the spec's device and dtype.
+
+    No `trust_remote_code` is passed: the caller names the pipeline class, so no code from the directory is needed,
+    and diffusers only consults that flag for custom pipelines."""
+    path = resolve_model_dir(spec, role)
+    if not (path / "model_index.json").is_file():
+        raise ModelUnavailable(
+            f"{role} model '{spec.path}': {path} has no model_index.json; a diffusers pipeline directory "
+            f"(as written by save_pretrained or `hf download`) holds model_index.json and one folder per component"
+        )
+    # Each component keeps its weights in its own subfolder, hence rglob rather than glob.
+    has_safetensors = any(path.rglob("*.safetensors"))
+    pipeline = pipeline_cls.from_pretrained(
+        str(path),
+        dtype=torch_dtype(spec.dtype),  # diffusers 0.42 deprecates `torch_dtype` in favour of `dtype`
+        local_files_only=True,
+        use_safetensors=True if has_safetensors else None,
+        **kwargs,
+    )
+    return pipeline.to(torch_device(spec))

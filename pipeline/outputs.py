@@ -14,11 +14,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cross_pairs import cross_manifest_rows, cross_summary
 from pipeline.ledger import LedgerState
 
 # Where each unit leaves the flow, in flow order: the funnel is reported in this order.
 STAGE_ORDER = ["input", "probe", "shot_cut", "clip_extract", "quality_stats", "quality_filter", "caption",
-               "person_grounding", "entities", "grounding", "segmentation", "faces", "clip_score"]
+               "person_grounding", "entities", "grounding", "segmentation", "faces", "clip_score", "instance_stats",
+               "instance_filter", "consolidation", "references", "inpainting"]
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -42,6 +44,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("faces", pa.int32()),
         ("frontal_faces", pa.int32()),
         ("clip_alignment", pa.float64()),
+        ("cross_base", pa.string()),  # cross-paired samples: the own sample they were made from
+        ("cross_kinds", pa.string()),  # and how their references were swapped (JSON counts)
     ]
 )
 ERRORS_SCHEMA = pa.schema(
@@ -69,6 +73,7 @@ def summarize(state: LedgerState, transient_errors: list[dict] | None = None) ->
     removed: dict[tuple[str, str], Counter] = defaultdict(Counter)
     sources = clips = samples = 0
     video_s = 0.0
+    variants, requested, rejected, instances = Counter(), Counter(), Counter(), Counter()
     for entry in state.sources.values():
         sources += 1
         video_s += entry.get("duration_s") or 0.0
@@ -79,6 +84,14 @@ def summarize(state: LedgerState, transient_errors: list[dict] | None = None) ->
             clips += 1
             if clip["status"] != "kept":
                 removed[("clips", clip["stage"])][clip["reason"]] += 1
+                continue
+            variants.update(clip.get("variants") or {})
+            requested.update(clip.get("requested") or {})
+            counts = clip.get("instances")
+            if counts:
+                instances["total"] += counts["total"]
+                instances["valid"] += counts["valid"]
+                rejected.update(counts["rejected"])
         samples += len(entry["samples"])
     input_errors = _input_errors(state, transient_errors)
     funnel = [
@@ -113,6 +126,17 @@ def summarize(state: LedgerState, transient_errors: list[dict] | None = None) ->
         "input_video_hours": video_s / 3600,
         "sample_video_hours": kept_s / 3600,
         "funnel": funnel,
+        # Of the kept samples: instances and their filter reasons, and the reference variant mix (what was asked
+        # by the ratio, and what was made once unavailable variants were drawn again).
+        "instances": {**instances, "rejected": dict(rejected)} if instances else None,
+        "references": {
+            "total": sum(variants.values()),
+            "variants": dict(variants),
+            "shares": {v: round(n / sum(variants.values()), 4) for v, n in variants.items()},
+            "requested": dict(requested),
+        } if variants else None,
+        # Own counts above (samples, shards, bytes, funnel); the cross-paired set carries its own.
+        "cross_pairs": cross_summary(state),
         "runs": runs,
         "last_run": runs[-1] if runs else None,
     }
@@ -122,7 +146,7 @@ def write_outputs(out_dir: str | Path, state: LedgerState, transient_errors: lis
     """Rebuild every derived file from the committed state; `transient_errors` are this run's problems that are
     not committed (sources whose records never all came back; the next run retries them)."""
     out = Path(out_dir)
-    shards = sorted(state.shards.values(), key=lambda e: e["shard"])
+    shards = sorted(list(state.shards.values()) + (state.cross or {}).get("shards", []), key=lambda e: e["shard"])
     index = {
         # wids reads this layout ("shardlist" of {url, nsamples}); urls are relative to this file.
         "__kind__": "wids-shard-index-v1",
@@ -135,7 +159,8 @@ def write_outputs(out_dir: str | Path, state: LedgerState, transient_errors: lis
     }
     _atomic_write(out / "index.json", lambda p: p.write_text(json.dumps(index, indent=2)))
 
-    rows = sorted((s for e in state.sources.values() for s in e["samples"]), key=lambda r: r["key"])
+    own = [s for e in state.sources.values() for s in e["samples"]]
+    rows = sorted(own + cross_manifest_rows(state), key=lambda r: r["key"])
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     _atomic_write(out / "manifest.parquet", lambda p: pq.write_table(table, p))
 

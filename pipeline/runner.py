@@ -22,6 +22,7 @@ from pipeline import __version__
 from pipeline.assemble import SourceCollector, assemble_source
 from pipeline.config import ConfigError, RunConfig
 from pipeline.inputs import list_inputs, load_metadata, source_records
+from pipeline.cross_pairs import build_cross_pairs
 from pipeline.ledger import Ledger
 from pipeline.outputs import write_outputs
 from pipeline.record import Record, table_to_records
@@ -167,6 +168,7 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
         f"{len(todo)} to process -> {out}"
     )
     if not todo:
+        build_cross_pairs(out, config, ledger, ledger.read(), console)  # a no-op unless its settings changed
         return {**write_outputs(out, ledger.read()), "this_run": None}
 
     # Largest files first: a long video scheduled last would leave the other workers idle at the end.
@@ -208,6 +210,8 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
         "version": __version__,
     }
     ledger.append(run)
+    # After the run line, so its throughput is the streaming pass's; the cross line records its own time.
+    build_cross_pairs(out, config, ledger, ledger.read(), console)
     return {**write_outputs(out, ledger.read(), incomplete), "this_run": run}
 
 

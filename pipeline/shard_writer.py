@@ -31,6 +31,16 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def publish_shard(tmp_path: str) -> str:
+    """Make a finished `.tar.tmp` durable and give it its real name; returns that name. The rename is atomic, so a
+    reader or a crash sees the whole shard or none of it; the ledger line that commits it comes after."""
+    with open(tmp_path, "rb") as f:
+        os.fsync(f.fileno())
+    final = tmp_path[: -len(TMP_SUFFIX)]
+    os.replace(tmp_path, final)
+    return final
+
+
 def shard_number(name: str) -> int:
     return int(Path(name).name.split(".")[0].rsplit("-", 1)[1])
 
@@ -90,10 +100,7 @@ class ShardSink:
         if not keys:
             os.unlink(tmp_path)
             return
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-        final = tmp_path[: -len(TMP_SUFFIX)]
-        os.replace(tmp_path, final)
+        final = publish_shard(tmp_path)
         self.ledger.append(
             {
                 "type": "shard",
@@ -132,4 +139,17 @@ def mask_png(mask: np.ndarray) -> bytes:
     ok, png = cv2.imencode(".png", (mask > 0).astype(np.uint8) * 255)
     if not ok:
         raise ValueError("cannot encode mask as PNG")
+    return png.tobytes()
+
+
+def image_png(image: np.ndarray) -> bytes:
+    """An RGB (H, W, 3) or RGBA (H, W, 4) uint8 image as PNG (lossless: references are training inputs)."""
+    import cv2
+
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+        raise ValueError(f"expected uint8 RGB or RGBA, got {image.dtype} {image.shape}")
+    code = cv2.COLOR_RGB2BGR if image.shape[2] == 3 else cv2.COLOR_RGBA2BGRA
+    ok, png = cv2.imencode(".png", cv2.cvtColor(image, code))
+    if not ok:
+        raise ValueError("cannot encode image as PNG")
     return png.tobytes()

@@ -58,6 +58,11 @@ def print_stats(summary: dict, console: Console) -> None:
             ("last run clips/s", f"{last['clips_per_s']:.2f}"),
             ("video-hours/day/core", f"{last['video_hours_per_day_per_core']:.1f}"),
         ]
+    cross = summary.get("cross_pairs")
+    if cross is not None:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted((cross.get("kinds") or {}).items())) or "-"
+        rows.append(("cross-paired samples", f"{cross['samples']} (share {100 * cross['share']:.1f} %, "
+                                             f"target {cross['target']}; references: {kinds})"))
     for name, value in rows:
         totals.add_row(name, str(value))
     console.print(totals)
@@ -69,6 +74,23 @@ def print_stats(summary: dict, console: Console) -> None:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(step["removed"].items())) or "-"
         funnel.add_row(step["stage"], step["unit"], str(step["in"]), str(step["out"]), reasons)
     console.print(funnel)
+
+    refs = summary.get("references")
+    if refs:
+        mix = Table(title=f"Reference variants ({refs['total']} references in the samples)")
+        for column in ("variant", "references", "share", "drawn by the ratio"):
+            mix.add_column(column, justify="left" if column == "variant" else "right")
+        for variant in ("crop", "segment", "inpaint", "redux"):
+            made, asked = refs["variants"].get(variant, 0), refs["requested"].get(variant, 0)
+            if made or asked:
+                note = "" if made or not asked else " (unavailable)"
+                mix.add_row(variant, str(made), f"{100 * refs['shares'].get(variant, 0):.1f} %", f"{asked}{note}")
+        console.print(mix)
+    instances = summary.get("instances")
+    if instances:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(instances["rejected"].items())) or "-"
+        console.print(f"Instances in the samples: {instances['valid']} valid of {instances['total']}; "
+                      f"invalid by reason: {reasons}")
 
     d = summary["durations_s"]
     if d["histogram"]:

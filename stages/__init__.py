@@ -50,6 +50,15 @@ def build_flow(config) -> list[type]:
         from stages.clip_score import ClipScore
 
         flow.append(ClipScore)
+    if config.grounding.model is not None:
+        # The S2V sample: instances filtered, consolidated across keyframes, cut into references, and a clean
+        # background plate. All of it needs boxes; without grounding, samples are plain captioned clips.
+        from stages.consolidation import Consolidator
+        from stages.inpainting import Inpainter
+        from stages.instances import InstanceFilter, InstanceStats
+        from stages.references import ReferenceCutter
+
+        flow += [InstanceStats, InstanceFilter, Consolidator, ReferenceCutter, Inpainter]
     return flow
 
 
@@ -112,6 +121,10 @@ def describe_flow(config) -> dict:
         off.append("segmentation")
     if config.clip_score.model is None:
         off.append("clip_score")
+    if config.grounding.model is not None:
+        if config.inpaint.backend == "opencv":
+            substitutes["inpainting"] = "OpenCV Telea fill on CPU (instead of FLUX.1-Fill)"
+        off.append("references.redux")  # no FLUX Redux backend yet: its share of the mix goes to the others
     if not config.faces.enabled:
         off.append("faces")
     return {"stages": [cls.name for cls in build_flow(config)], "substitutes": substitutes, "off": off}

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from pipeline.ledger import Ledger
 from pipeline.shard_writer import file_sha256
 
 S2V = [sys.executable, "-m", "pipeline.cli"]
@@ -96,6 +97,32 @@ def test_shards_read_back_with_upstream_webdataset(curated):
     assert not list(curated.rglob("*.tmp"))
 
 
+def test_samples_are_complete_s2v_samples(curated):
+    """References of several variants with their masks, a background plate, and every file KEY.json names."""
+    import cv2
+
+    variants = set()
+    for sample in read_shards(curated):
+        meta = json.loads(sample["json"])
+        named = [meta["background"]["file"]] + [name for e in meta["entities"] for r in e.get("references", [])
+                                                 for name in (r["file"], r["mask"])]
+        assert named and all(name in sample for name in named), (sorted(sample), named)
+        bg = cv2.imdecode(np.frombuffer(sample["bg.png"], np.uint8), cv2.IMREAD_UNCHANGED)
+        assert bg.shape == (meta["clip"]["height"], meta["clip"]["width"], 3)
+        for entity in meta["entities"]:
+            for ref in entity.get("references", []):
+                image = cv2.imdecode(np.frombuffer(sample[ref["file"]], np.uint8), cv2.IMREAD_UNCHANGED)
+                mask = cv2.imdecode(np.frombuffer(sample[ref["mask"]], np.uint8), cv2.IMREAD_UNCHANGED)
+                assert image.shape[:2] == mask.shape and image.shape[2] == (4 if ref["variant"] == "segment" else 3)
+                assert ref["source_clip"] == meta["clip_id"] and entity["instances"]
+                variants.add(ref["variant"])
+    assert len(variants) >= 2
+    summary = json.loads((curated / "summary.json").read_text())
+    assert set(summary["references"]["variants"]) == variants and summary["instances"]["valid"] > 0
+    table = s2v("shards", "stats", str(curated)).stdout
+    assert "Reference variants" in table
+
+
 def test_index_is_readable_by_wids(curated, tmp_path):
     import wids
 
@@ -123,8 +150,13 @@ def test_every_bad_input_is_recorded_and_the_good_one_curated(curated, inputs):
     for name, reason in expected.items():
         assert by_file[name]["reason"] == reason and by_file[name]["stage"] == "probe", by_file.get(name)
         assert by_file[name]["message"]
-    sources = {Path(r["source"]).stem for r in pq.read_table(curated / "manifest.parquet").to_pylist()}
-    assert "good" in sources
+    # The good file is curated: its clips were cut and judged. It has no caption, so no entity to take a
+    # reference from, and consolidation drops its clips for that reason (not as a bad input).
+    state = Ledger(curated).read()
+    good = next(e for e in state.sources.values() if Path(e["path"]).stem == "good")
+    assert good["status"] == "curated" and good["clips"]
+    assert {(c["stage"], c["reason"]) for c in good["clips"]} <= {("consolidation", "no_valid_entity"),
+                                                                   ("quality_filter", "blurry")}, good["clips"]
     summary = json.loads((curated / "summary.json").read_text())
     probe_step = next(s for s in summary["funnel"] if s["stage"] == "probe")
     assert sum(probe_step["removed"].values()) == len(expected)
@@ -141,8 +173,9 @@ def test_summary_funnel_adds_up(curated):
     run = summary["last_run"]
     assert run["clips_per_s"] > 0 and run["video_hours_per_day_per_core"] > 0 and run["cpus"] == 2
     # The quickstart says which design models it replaced with offline substitutes, and which stages were off.
-    assert set(run["flow"]["substitutes"]) == {"caption", "entities", "grounding", "segmentation", "faces"}
-    assert run["flow"]["off"] == ["clip_score"]
+    assert set(run["flow"]["substitutes"]) == {"caption", "entities", "grounding", "segmentation", "faces",
+                                               "inpainting"}
+    assert run["flow"]["off"] == ["clip_score", "references.redux"]
 
 
 def test_rerun_skips_committed_sources_and_duplicates_nothing(curated, inputs, demo_corpus, quickstart):

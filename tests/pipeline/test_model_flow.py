@@ -26,6 +26,11 @@ def test_model_stages_compose_on_ray(tiny_model_dirs, demo_corpus, tmp_path):
         f"segmentation.model.path={tiny_model_dirs['sam']}", f"segmentation.resources={small}",
         f"clip_score.model.path={tiny_model_dirs['clip']}", f"clip_score.resources={small}",
         "shots.max_clip_s=4.0", "clips.max_short_side=120", "ray.progress=false", "ray.num_cpus=2",
+        # Random boxes would rarely pass real thresholds; these let every object instance through, so the
+        # consolidation, reference and inpainting stages get work (their decisions have their own tests).
+        "filters.instances={min_area: 0, max_area: 1, max_iou: 1, min_brightness: 0, min_sharpness: 0, "
+        "require_face: false}",
+        "consolidation.min_appearance=-1", "consolidation.max_area_ratio=1000000",
     ])
     config.input.paths = [str(sorted((demo_corpus / "videos").glob("*.mp4"))[0])]
     config.input.metadata = str(demo_corpus / "metadata.jsonl")
@@ -33,10 +38,11 @@ def test_model_stages_compose_on_ray(tiny_model_dirs, demo_corpus, tmp_path):
     summary = curate(config, out)
     flow = summary["last_run"]["flow"]
     assert flow["stages"] == ["probe", "shot_cut", "clip_extract", "quality_stats", "quality_filter", "caption",
-                              "entities", "grounding", "segmentation", "faces", "clip_score"]
-    assert flow["off"] == [] and set(flow["substitutes"]) == {"entities", "faces"}
+                              "entities", "grounding", "segmentation", "faces", "clip_score", "instance_stats",
+                              "instance_filter", "consolidation", "references", "inpainting"]
+    assert flow["off"] == ["references.redux"] and set(flow["substitutes"]) == {"entities", "faces", "inpainting"}
     removed = {reason for step in summary["funnel"] for reason in step["removed"]}
-    assert removed <= {"too_dark", "blurry"}, summary["funnel"]
+    assert removed <= {"too_dark", "blurry", "no_valid_entity"}, summary["funnel"]
     index = json.loads((out / "index.json").read_text())
     samples = list(wds.WebDataset([str(out / e["url"]) for e in index["shardlist"]], shardshuffle=False))
     assert samples and len(samples) == summary["samples"]
@@ -49,5 +55,8 @@ def test_model_stages_compose_on_ray(tiny_model_dirs, demo_corpus, tmp_path):
             assert stage in meta["provenance"]["stages"], stage
         for det in meta["detections"]:
             assert 0.0 <= det["mask_area"] <= 1.0 and "mask_score" in det
+        references = [r for e in meta["entities"] for r in e.get("references", [])]
+        assert references and all(r["file"] in sample and r["mask"] in sample for r in references)
+        assert "bg.png" in sample and meta["background"]["backend"] == "opencv-telea"
         detections += len(meta["detections"])
     assert detections > 0  # threshold 0: every grounded word yields boxes, and each got a mask

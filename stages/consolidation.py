@@ -1,0 +1,142 @@
+"""Consolidation: one identity per entity across the clip's keyframes, and the keyframe its reference comes from.
+
+An entity may have several valid instances (one or more per keyframe). As in PolyVivid, its identity is a clique
+of mutually consistent instances: two instances on different keyframes are consistent when their mask areas are
+within `consolidation.max_area_ratio` of each other, the colour histograms of their masked pixels correlate at
+least `min_appearance`, and, when both hold a face, their face embeddings' cosine is at least
+`min_face_similarity`. The largest clique wins (ties: the higher summed detection score). Two instances on one
+keyframe are never the same identity.
+
+The reference keyframe is then drawn at random among the clique's keyframes, seeded by `consolidation.seed` and
+the clip key (a rerun draws the same). As in LumosX, when the clip has several entities and every draw landed on
+one keyframe while some entity could use another, that entity is moved to another keyframe: the references of one
+sample should not all be cut from the same frame.
+
+Per entity with a valid identity: `instances` (detection ids of the clique), `reference` ({"detection",
+"keyframe"}), `subject_id` (0, 1, ... in entity order: the reference slot the trainer sees) and `view_id` (0: one
+view per entity for now). A clip with no such entity is dropped: `consolidation`/`no_valid_entity`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+
+import cv2
+import numpy as np
+
+from pipeline.record import Record
+from pipeline.stage import Stage
+
+MAX_NODES = 12  # cliques are found by trying subsets; an entity rarely has more than a few instances
+
+
+def clip_rng(seed: int, key: str, salt: str = "") -> random.Random:
+    """A random generator that depends only on the seed and the clip (and an optional salt), not on the run."""
+    digest = hashlib.sha256(f"{seed}:{key}:{salt}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def appearance(frame: np.ndarray, mask: np.ndarray | None, box: list[int]) -> np.ndarray:
+    """A normalised hue-saturation histogram of the instance's pixels (its mask, else its box)."""
+    hsv = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2HSV)
+    if mask is None or not mask.any():
+        mask = np.zeros(frame.shape[:2], np.uint8)
+        x0, y0, x1, y1 = box
+        mask[y0:y1, x0:x1] = 1
+    hist = cv2.calcHist([hsv], [0, 1], mask.astype(np.uint8), [16, 8], [0, 180, 0, 256])
+    return cv2.normalize(hist, None).flatten()
+
+
+def max_clique(nodes: list[int], linked, weight) -> list[int]:
+    """The largest set of mutually linked nodes (ties: the heaviest), by trying subsets from the largest down."""
+    nodes = sorted(nodes, key=weight, reverse=True)[:MAX_NODES]
+    for size in range(len(nodes), 0, -1):
+        cliques = [c for c in itertools.combinations(nodes, size)
+                   if all(linked(a, b) for a, b in itertools.combinations(c, 2))]
+        if cliques:
+            return sorted(max(cliques, key=lambda c: sum(weight(n) for n in c)))
+    return []
+
+
+def choose_frames(options: dict[str, list[int]], rng: random.Random) -> dict[str, int]:
+    """A keyframe per entity among its options; not all the same when any entity has another option."""
+    chosen = {entity: rng.choice(sorted(frames)) for entity, frames in options.items()}
+    if len(chosen) > 1 and len(set(chosen.values())) == 1:
+        shared = next(iter(chosen.values()))
+        movable = [e for e, frames in options.items() if set(frames) - {shared}]
+        if movable:
+            entity = rng.choice(movable)
+            chosen[entity] = rng.choice(sorted(set(options[entity]) - {shared}))
+    return chosen
+
+
+class Consolidator(Stage):
+    name = "consolidation"
+
+    def process(self, records: list[Record]) -> list[Record]:
+        for record in records:
+            self._consolidate(record)
+        return records
+
+    def _consolidate(self, record: Record) -> None:
+        cfg = self.config.consolidation
+        detections = record.meta.get("detections") or []
+        masks = record.blobs.get("masks")
+        keyframes = record.blobs.get("keyframes")
+        faces = record.meta.get("faces", [])
+        embeddings = record.blobs.get("face_embeddings")
+        face_of: dict[str, np.ndarray] = {}  # detection id -> embedding of the first face found in it
+        for row, face in enumerate(faces):
+            if face.get("detection") and embeddings is not None and row < len(embeddings):
+                face_of.setdefault(face["detection"], embeddings[row])
+        hists: dict[int, np.ndarray] = {}
+
+        def hist(i: int) -> np.ndarray:
+            if i not in hists:
+                d = detections[i]
+                mask = masks[i] if masks is not None and len(masks) > i else None
+                hists[i] = appearance(keyframes[d["keyframe"]], mask, d["box"])
+            return hists[i]
+
+        def area(i: int) -> float:
+            return max(detections[i].get("stats", {}).get("area") or 0.0, 1e-6)
+
+        def linked(a: int, b: int) -> bool:
+            da, db = detections[a], detections[b]
+            if da["keyframe"] == db["keyframe"]:
+                return False
+            if max(area(a), area(b)) / min(area(a), area(b)) > cfg.max_area_ratio:
+                return False
+            if cv2.compareHist(hist(a), hist(b), cv2.HISTCMP_CORREL) < cfg.min_appearance:
+                return False
+            fa, fb = face_of.get(da["id"]), face_of.get(db["id"])
+            return fa is None or fb is None or float(np.dot(fa, fb)) >= cfg.min_face_similarity
+
+        options: dict[str, list[int]] = {}
+        cliques: dict[str, list[int]] = {}
+        for entity in record.meta.get("entities", []):
+            if entity.get("kind") not in ("subject", "object"):
+                continue
+            nodes = [i for i, d in enumerate(detections)
+                     if d.get("entity") == entity["id"] and d.get("part") is None and d.get("valid", True)]
+            clique = max_clique(nodes, linked, lambda i: detections[i]["score"]) if nodes else []
+            if clique:
+                cliques[entity["id"]] = clique
+                options[entity["id"]] = sorted({detections[i]["keyframe"] for i in clique})
+        if not cliques:
+            record.drop_by(self.name, "no_valid_entity")
+            return
+        chosen = choose_frames(options, clip_rng(cfg.seed, record.key))
+        slot = 0
+        for entity in record.meta["entities"]:
+            clique = cliques.get(entity["id"])
+            if clique is None:
+                continue
+            frame = chosen[entity["id"]]
+            best = max((i for i in clique if detections[i]["keyframe"] == frame), key=lambda i: detections[i]["score"])
+            entity["instances"] = [detections[i]["id"] for i in clique]
+            entity["reference"] = {"detection": detections[best]["id"], "keyframe": frame}
+            entity["subject_id"], entity["view_id"] = slot, 0
+            slot += 1

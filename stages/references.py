@@ -1,0 +1,117 @@
+"""Reference images: one per consolidated entity, in a variant drawn by the configured mix (Kaleido).
+
+Variants, all cut from the entity's reference keyframe around its box grown by `references.pad`:
+
+- `crop`: the RGB crop as it is (background and neighbours included);
+- `segment`: the crop as RGBA, its alpha the entity's mask (the box when segmentation did not run);
+- `inpaint`: the crop with everything outside the entity's mask regenerated; this stage cuts it and marks it
+  `pending`, the `inpainting` stage fills it (FLUX.1-Fill on GPU, OpenCV on CPU);
+- `redux`: FLUX Redux re-posing. This release has no Redux backend, so it is always unavailable: a draw that lands
+  on it is counted in `unavailable` and drawn again among the others, so its share goes to them in proportion.
+
+The draw is seeded by `references.seed`, the clip key and the entity id: reruns give the same variants. Each
+reference is `{"k", "file": "ref{k}.png", "mask": "mask{k}.png", "entity", "variant", "requested", "detection",
+"keyframe", "frame_index", "box", "scores", "source_clip", "source_key", "subject_id", "view_id", "group"}`;
+its pixels are `blobs["ref{k}"]` (H, W, 3 or 4) and its mask `blobs["refmask{k}"]` (H, W) 0/1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.boxes import clip_box
+from pipeline.record import Record
+from pipeline.stage import Stage
+from stages.consolidation import clip_rng
+
+VARIANTS = ("crop", "segment", "inpaint", "redux")
+UNAVAILABLE = {"redux": "no FLUX Redux backend in this release"}
+
+
+def draw_variant(ratio: dict[str, float], rng, unavailable=UNAVAILABLE) -> tuple[str, str]:
+    """(requested, realized): a draw by `ratio`; when it is unavailable, a second draw among the available ones."""
+    names = [v for v in VARIANTS if ratio.get(v, 0) > 0]
+    requested = rng.choices(names, weights=[ratio[v] for v in names])[0]
+    if requested not in unavailable:
+        return requested, requested
+    available = [v for v in names if v not in unavailable]
+    if not available:
+        raise ValueError(f"references.ratio gives weight only to unavailable variants ({', '.join(names)})")
+    return requested, rng.choices(available, weights=[ratio[v] for v in available])[0]
+
+
+def padded_box(box, pad: float, width: int, height: int) -> list[int]:
+    x0, y0, x1, y1 = box
+    dx, dy = (x1 - x0) * pad, (y1 - y0) * pad
+    return clip_box((x0 - dx, y0 - dy, x1 + dx, y1 + dy), width, height)
+
+
+class ReferenceCutter(Stage):
+    name = "references"
+
+    def process(self, records: list[Record]) -> list[Record]:
+        for record in records:
+            self._cut(record)
+        return records
+
+    def _cut(self, record: Record) -> None:
+        cfg = self.config.references
+        detections = {d["id"]: (i, d) for i, d in enumerate(record.meta.get("detections") or [])}
+        keyframes = record.blobs["keyframes"]
+        masks = record.blobs.get("masks")
+        frame_of = [k.get("frame") for k in record.meta.get("keyframes", [])]
+        faces = record.meta.get("faces", [])
+        references = []
+        for entity in record.meta.get("entities", []):
+            if "reference" not in entity:
+                continue
+            index, detection = detections[entity["reference"]["detection"]]
+            k = detection["keyframe"]
+            frame = keyframes[k]
+            height, width = frame.shape[:2]
+            x0, y0, x1, y1 = padded_box(detection["box"], cfg.pad, width, height)
+            if masks is not None and len(masks) > index:
+                mask = masks[index][y0:y1, x0:x1].astype(np.uint8)
+            else:  # no segmentation: the box is the mask
+                mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+                bx0, by0, bx1, by1 = detection["box"]
+                mask[max(by0 - y0, 0) : by1 - y0, max(bx0 - x0, 0) : bx1 - x0] = 1
+            crop = np.ascontiguousarray(frame[y0:y1, x0:x1])
+            requested, variant = draw_variant(cfg.ratio, clip_rng(cfg.seed, record.key, entity["id"]))
+            n = len(references)
+            if variant == "segment":
+                crop = np.dstack([crop, mask * 255])
+            record.blobs[f"ref{n}"] = crop
+            record.blobs[f"refmask{n}"] = mask
+            face = next((f for f in faces if f.get("detection") == detection["id"]), None)
+            stats = detection.get("stats", {})
+            references.append({
+                "k": n,
+                "file": f"ref{n}.png",
+                "mask": f"mask{n}.png",
+                "entity": entity["id"],
+                "variant": variant,
+                "requested": requested,
+                "pending": variant == "inpaint",
+                "detection": detection["id"],
+                "keyframe": k,
+                "frame_index": frame_of[k] if k < len(frame_of) else None,
+                "box": [x0, y0, x1, y1],
+                "scores": {
+                    "detection": detection.get("score"),
+                    "mask": detection.get("mask_score"),
+                    "clip_category": stats.get("clip_category"),
+                    "face": face["score"] if face else None,
+                    "frontal": face["frontal"] if face else None,
+                },
+                "source_clip": record.meta["clip_id"],
+                "source_key": record.key,
+                "subject_id": entity["subject_id"],
+                "view_id": entity["view_id"],
+                "group": entity.get("group"),
+            })
+        record.meta["references"] = references
+        record.meta.setdefault("provenance", {})[self.name] = (
+            f"ratio {cfg.ratio} seed={cfg.seed} pad={cfg.pad}; unavailable: "
+            + "; ".join(f"{v} ({why})" for v, why in UNAVAILABLE.items())
+        )

@@ -1,0 +1,396 @@
+"""Cross-pair post-pass over a committed run: share, provenance, identities, plates, idempotence, crash safety.
+
+The committed run is synthetic but written the way a real one is (ShardSink + ledger, real PNG references and
+masks cut from skimage photos, unit face embeddings with faces.npy rows aligned to KEY.json "faces"). Only the
+mp4 members are placeholder bytes: the pass copies them unchanged and never decodes them.
+"""
+
+import json
+import shutil
+import tarfile
+import zlib
+from collections import Counter
+
+import cv2
+import numpy as np
+import pytest
+import webdataset as wds
+from skimage import data
+
+from pipeline.config import ConfigError, OutputConfig, RunConfig
+from pipeline.cross_pairs import (
+    SUBJECT_BOTTOM,
+    SUBJECT_HEIGHT,
+    build_cross_pairs,
+    composite_on_plate,
+    cross_manifest_rows,
+    cross_summary,
+    decode_png,
+    target_count,
+)
+from pipeline.ledger import Ledger
+from pipeline.shard_writer import ShardSink, image_png, mask_png, npy_bytes, sample_json
+
+CLIPS_PER_SOURCE = 5
+DIM = 128
+PICTURES = [data.astronaut(), data.chelsea(), data.coffee()]
+
+
+def identity_of(source: int, clip: int) -> int:
+    """Sources 0-29: pairs of sources share a person; 30-34: one person per source (partners only in other clips
+    of the same source); 35-39 and later: a new person in every clip (no partner anywhere)."""
+    if source < 30:
+        return source // 2
+    if source < 35:
+        return 1000 + source
+    return 10_000 + source * CLIPS_PER_SOURCE + clip
+
+
+def embedding(identity: int, key: str) -> np.ndarray:
+    person = np.random.default_rng(identity).normal(size=DIM)
+    person /= np.linalg.norm(person)
+    noisy = person + np.random.default_rng(zlib.crc32(key.encode())).normal(scale=0.01, size=DIM)
+    return (noisy / np.linalg.norm(noisy)).astype(np.float32)
+
+
+def picture_crop(source: int, clip: int, height: int, width: int) -> np.ndarray:
+    picture = PICTURES[source % len(PICTURES)]
+    y, x = (clip * 37) % (picture.shape[0] - 200), (source * 23) % (picture.shape[1] - 200)
+    return np.ascontiguousarray(cv2.resize(picture[y:y + 200, x:x + 200], (width, height), interpolation=cv2.INTER_AREA))
+
+
+def ellipse_mask(height: int, width: int) -> np.ndarray:
+    mask = np.zeros((height, width), np.uint8)
+    cv2.ellipse(mask, (width // 2, height // 2), (width // 2 - 4, height // 2 - 2), 0, 0, 360, 1, -1)
+    return mask
+
+
+def source_entry_and_samples(source: int):
+    """One curated source with CLIPS_PER_SOURCE kept clips, as assemble_source would hand them to ShardSink."""
+    sid = f"{source:016x}"
+    rows, clips, samples = [], [], []
+    for clip in range(CLIPS_PER_SOURCE):
+        key = f"{sid}-{clip * 100:07d}-{clip * 100 + 90:07d}"
+        n = source * CLIPS_PER_SOURCE + clip
+        faces = [{"detection": "d9", "entity": None, "keyframe": 1, "box": [0, 0, 8, 8], "score": 0.9, "frontal": True},
+                 {"detection": "d0", "entity": "e0", "keyframe": 1, "box": [10, 5, 30, 25], "score": 0.9,
+                  "frontal": True}]
+        # Row 0 is a bystander's face, row 1 the subject's: the pass must pick the row by detection id.
+        table = np.stack([embedding(1_000_000 + n, key), embedding(identity_of(source, clip), key)])
+        entities, blobs = [], {}
+        with_refs = n % 10 != 9  # every tenth sample has nothing to replace
+        names = [("e0", "subject", "d0")] + ([("e1", "object", "d1")] if clip == 1 else [])
+        for k, (eid, kind, det) in enumerate(names if with_refs else []):
+            variant = "segment" if (n + k) % 2 == 0 else "crop"
+            ref = picture_crop(source, clip + 7 * k, 64, 48)
+            mask = ellipse_mask(64, 48)
+            blobs[f"ref{k}.png"] = image_png(np.dstack([ref, mask * 255]) if variant == "segment" else ref)
+            blobs[f"mask{k}.png"] = mask_png(mask)
+            entities.append({"id": eid, "kind": kind, "group": f"g{k}", "subject_id": k, "view_id": 0,
+                             "reference": {"detection": det, "keyframe": 1},
+                             "references": [{"file": f"ref{k}.png", "mask": f"mask{k}.png", "entity": eid,
+                                             "variant": variant, "requested": variant, "detection": det,
+                                             "keyframe": 1, "frame_index": 45, "box": [10, 5, 58, 69],
+                                             "scores": {"detection": 0.9}, "source_clip": f"clip-{key}",
+                                             "source_key": key, "subject_id": k, "view_id": 0, "group": f"g{k}"}]})
+        entities.append({"id": "e9", "kind": "background", "word": "wall"})
+        with_bg = not (clip == 3 and source % 4 == 0)
+        meta = {"key": key, "clip_id": f"clip-{key}", "source": {"id": sid, "path": f"/v/{source}.mp4"},
+                "entities": entities, "faces": faces, "detections": [],
+                "background": {"keyframe": 1, "file": "bg.png"} if with_bg else None,
+                "caption": {"text": f"clip {n}"}}
+        sample = {"__key__": key, "mp4": b"\x00\x00\x00\x18ftypmp42" + key.encode(), "json": sample_json(meta),
+                  "faces.npy": npy_bytes(table), **blobs}
+        if with_bg:
+            sample["bg.png"] = image_png(picture_crop(source, clip, 96, 128))
+        samples.append(sample)
+        rows.append({"key": key, "shard": None, "source": f"/v/{source}.mp4", "source_id": sid, "duration_s": 3.0})
+        clips.append({"key": key, "status": "kept", "stage": None, "reason": None})
+    entry = {"type": "source", "path": f"/v/{source}.mp4", "source_id": sid, "size": 1, "mtime_ns": 1,
+             "duration_s": 20.0, "status": "curated", "samples": rows, "clips": clips, "errors": [], "warnings": []}
+    return entry, samples
+
+
+def commit_sources(out, sources, shard_max_samples=64):
+    ledger = Ledger(out)
+    state = ledger.recover()
+    sink = ShardSink(out, OutputConfig(shard_max_samples=shard_max_samples), ledger, state)
+    for source in sources:
+        sink.add_source(*source_entry_and_samples(source))
+    sink.close()
+
+
+def config(**cross):
+    return RunConfig.model_validate({"cross_pairs": cross, "output": {"shard_max_samples": 64}})
+
+
+def run_pass(out, cfg=None):
+    ledger = Ledger(out)
+    return build_cross_pairs(out, cfg or config(), ledger, ledger.recover())
+
+
+def cross_samples(out):
+    """{key: {ext: bytes}} of every sample in the current cross shards, read with upstream webdataset."""
+    entry = Ledger(out).read().cross
+    urls = [str(out / s["shard"]) for s in entry["shards"]]
+    if not urls:
+        return {}
+    return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False)}
+
+
+def own_samples(out):
+    state = Ledger(out).read()
+    urls = [str(out / name) for name in sorted(state.shards)]
+    return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False)}
+
+
+def identity_of_key(key):
+    source, clip = int(key.split("-")[0], 16), int(key.split("-")[1]) // 100
+    return identity_of(source, clip)
+
+
+@pytest.fixture(scope="module")
+def run200(tmp_path_factory):
+    """A committed run of 200 own samples (40 sources x 5 clips) and its cross pass; read-only for the tests."""
+    out = tmp_path_factory.mktemp("run200")
+    commit_sources(out, range(40))
+    result = run_pass(out)
+    return out, result
+
+
+def fresh_copy(run200, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(run200[0], out)
+    return out
+
+
+def test_realized_share_is_near_the_configured_one(run200):
+    out, result = run200
+    entry = Ledger(out).read().cross
+    own = 200
+    assert entry["target"] == target_count(0.4, own) == 133
+    assert len(entry["samples"]) == len(cross_samples(out)) == 133
+    assert abs(len(entry["samples"]) / (own + len(entry["samples"])) - 0.4) <= 0.05
+    assert abs(result["share"] - 0.4) <= 0.05
+    assert set(entry["kinds"]) == {"same_identity", "composite"}
+    summary = cross_summary(Ledger(out).read())
+    assert summary["samples"] == 133 and summary["kinds"] == entry["kinds"]
+    assert sum(s["nsamples"] for s in entry["shards"]) == 133 and len(entry["shards"]) == 3  # 64 per shard
+
+
+def test_every_file_named_in_a_cross_json_is_in_its_sample(run200):
+    out, _ = run200
+    entry = Ledger(out).read().cross
+    shard_of = {row["key"]: row["shard"] for row in entry["samples"]}
+    members: dict[str, set] = {}
+    for shard in entry["shards"]:
+        with tarfile.open(out / shard["shard"]) as tar:
+            for name in tar.getnames():
+                key, _, ext = name.partition(".")
+                members.setdefault(key, set()).add(ext)
+    assert set(members) == set(shard_of)
+    for key, sample in cross_samples(out).items():
+        meta = json.loads(sample["json"])
+        assert meta["key"] == key == meta["cross_pair"]["base"] + "-x" and "." not in key
+        named = {r[f] for e in meta["entities"] for r in e.get("references", []) for f in ("file", "mask")}
+        if meta["background"]:
+            named.add(meta["background"]["file"])
+        assert named <= members[key], (key, named - members[key])
+        assert {"mp4", "json", "faces.npy"} <= members[key]
+        for e in meta["entities"]:
+            for r in e.get("references", []):
+                image = decode_png(sample[r["file"]])
+                assert image.ndim == 3 and image.shape[2] == (4 if r["variant"] == "segment" else 3)
+                assert decode_png(sample[r["mask"]]).shape == image.shape[:2]
+
+
+def test_same_identity_references_come_from_another_clip_of_that_person(run200):
+    out, _ = run200
+    own = own_samples(out)
+    seen, same_source = 0, 0
+    for sample in cross_samples(out).values():
+        meta = json.loads(sample["json"])
+        base = meta["cross_pair"]["base"]
+        assert sample["mp4"] == own[base]["mp4"] and sample.get("bg.png") == own[base].get("bg.png")
+        for entity in meta["entities"]:
+            for ref in entity.get("references", []):
+                if ref["cross"]["kind"] != "same_identity":
+                    continue
+                seen += 1
+                partner = ref["cross"]["from_key"]
+                assert ref["source_key"] == partner != base
+                assert ref["source_clip"] == json.loads(own[partner]["json"])["clip_id"] != meta["clip_id"]
+                assert identity_of_key(partner) == identity_of_key(base)
+                assert entity["id"] == ref["entity"] == "e0" and ref["cross"]["similarity"] >= 0.8
+                assert sample[ref["file"]] == own[partner][ref["cross"]["from_file"]]
+                same_source += partner.split("-")[0] == base.split("-")[0]
+                # Sources 0-29 share each person with another source: the partner is taken from there.
+                if int(base.split("-")[0], 16) < 30:
+                    assert partner.split("-")[0] != base.split("-")[0]
+    assert seen > 40 and same_source > 0  # sources 30-34 only have partners in their own other clips
+
+
+def test_composites_paste_the_base_subject_on_a_plate_of_another_source(run200):
+    out, _ = run200
+    own = own_samples(out)
+    seen = Counter()
+    for sample in cross_samples(out).values():
+        meta = json.loads(sample["json"])
+        base = meta["cross_pair"]["base"]
+        for entity in meta["entities"]:
+            for ref in entity.get("references", []):
+                if ref["cross"]["kind"] != "composite":
+                    continue
+                donor = ref["cross"]["background_from"]
+                assert donor == meta["cross_pair"]["background_from"]
+                assert donor.split("-")[0] != base.split("-")[0]
+                own_entity = next(e for e in json.loads(own[base]["json"])["entities"] if e["id"] == entity["id"])
+                assert ref["source_key"] == base and ref["variant"] == own_entity["references"][0]["variant"]
+                plate = decode_png(own[donor]["bg.png"])
+                image, mask = decode_png(sample[ref["file"]]), decode_png(sample[ref["mask"]]) > 0
+                x0, y0, x1, y1 = ref["cross"]["placed_box"]
+                outside = np.ones(mask.shape, bool)
+                outside[y0:y1, x0:x1] = False
+                assert image.shape[:2] == plate.shape[:2] and mask[y0:y1, x0:x1].mean() > 0.5
+                assert np.array_equal(image[..., :3][outside], plate[outside]) and not mask[outside].any()
+                seen[entity["kind"]] += 1
+    # Objects never have a face; people seen in one clip only have no partner: both are composited.
+    assert seen["object"] > 0 and seen["subject"] > 0
+
+
+def test_rerun_with_the_same_own_samples_writes_nothing(run200, tmp_path):
+    out = fresh_copy(run200, tmp_path)
+    ledger_before = (out / "ledger.jsonl").read_bytes()
+    files_before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    assert run_pass(out) is None  # recover() inside keeps the current cross shards
+    assert (out / "ledger.jsonl").read_bytes() == ledger_before
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == files_before
+
+
+def test_new_own_samples_replace_the_cross_set_without_duplicates(run200, tmp_path):
+    out = fresh_copy(run200, tmp_path)
+    old = {s["shard"] for s in Ledger(out).read().cross["shards"]}
+    commit_sources(out, range(40, 46))  # 30 more own samples
+    result = run_pass(out)
+    state = Ledger(out).read()
+    new = {s["shard"] for s in state.cross["shards"]}
+    assert result is not None and not old & new
+    assert not any((out / name).exists() for name in old)
+    on_disk = {f"shards/{p.name}" for p in (out / "shards").iterdir()}
+    assert on_disk == set(state.shards) | new
+    keys = Counter()
+    for name in sorted(on_disk):
+        keys.update(s["__key__"] for s in wds.WebDataset(str(out / name), shardshuffle=False))
+    assert len(keys) == 230 + state.cross["target"] and max(keys.values()) == 1
+    assert state.cross["target"] == target_count(0.4, 230)
+    rows = cross_manifest_rows(state)
+    assert len(rows) == len(state.cross["samples"]) and all(r["source_id"] and r["cross_base"] for r in rows)
+
+
+class DiesAtCross(Ledger):
+    """A kill around the cross commit: before its line (`after=False`) or right after it (`after=True`)."""
+
+    def __init__(self, out_dir, after):
+        super().__init__(out_dir)
+        self.after = after
+
+    def append(self, entry):
+        if entry["type"] == "cross" and not self.after:
+            raise KeyboardInterrupt
+        super().append(entry)
+        if entry["type"] == "cross":
+            raise KeyboardInterrupt
+
+
+def test_a_crash_before_the_ledger_line_leaves_shards_that_recover_removes(run200, tmp_path):
+    out = fresh_copy(run200, tmp_path)
+    committed = Ledger(out).read().cross
+    commit_sources(out, range(40, 42))
+    ledger = DiesAtCross(out, after=False)
+    with pytest.raises(KeyboardInterrupt):
+        build_cross_pairs(out, config(), ledger, ledger.recover())
+    written = {f"shards/{p.name}" for p in (out / "shards").glob("cross-*")} - committed_names(committed)
+    assert written  # the new set reached the disk, renamed, but never committed
+    state = Ledger(out).recover()
+    assert state.cross == committed
+    assert {f"shards/{p.name}" for p in (out / "shards").glob("cross-*")} == committed_names(committed)
+    assert run_pass(out)["own"] == 210
+
+
+def test_a_crash_after_the_ledger_line_leaves_superseded_shards_that_recover_removes(run200, tmp_path):
+    out = fresh_copy(run200, tmp_path)
+    old = committed_names(Ledger(out).read().cross)
+    commit_sources(out, range(40, 42))
+    ledger = DiesAtCross(out, after=True)
+    with pytest.raises(KeyboardInterrupt):
+        build_cross_pairs(out, config(), ledger, ledger.recover())
+    assert all((out / name).exists() for name in old)
+    state = Ledger(out).recover()
+    assert not any((out / name).exists() for name in old)
+    assert all((out / name).exists() for name in committed_names(state.cross)) and state.cross["own"] == 210
+    assert run_pass(out) is None
+
+
+def committed_names(entry):
+    return {s["shard"] for s in entry["shards"]}
+
+
+def test_share_zero_or_a_single_source_commits_an_empty_set(tmp_path):
+    one = tmp_path / "one"
+    commit_sources(one, [3])
+    result = run_pass(one)
+    assert result["shards"] == [] and result["share"] == 0.0 and "1 sources" in result["info"]["reason"]
+    assert cross_summary(Ledger(one).read())["samples"] == 0
+
+    off = tmp_path / "off"
+    commit_sources(off, [0, 2])
+    result = run_pass(off, config(share=0.0))
+    assert result["shards"] == [] and result["target"] == 0
+    assert not list((off / "shards").glob("cross-*")) and run_pass(off, config(share=0.0)) is None
+    # Turning it on later (same own samples, other settings) builds the set.
+    result = run_pass(off)
+    assert result["target"] == target_count(0.4, 10) and result["shards"] and result["kinds"]
+
+
+def test_a_share_beyond_one_base_per_sample_is_capped_and_said(tmp_path):
+    out = tmp_path / "out"
+    commit_sources(out, [0, 1, 2])  # 15 own samples, 14 with references
+    result = run_pass(out, config(share=0.9))
+    assert result["target"] == 135 and result["info"]["capped"] and "capped at 15" in result["info"]["note"]
+    rows = Ledger(out).read().cross["samples"]
+    assert len(rows) == 14 and len({r["base"] for r in rows}) == 14
+    assert result["info"]["skipped"] == {"no_references": 1}
+
+
+def test_the_split_name_cross_is_refused(tmp_path):
+    cfg = RunConfig.model_validate({"output": {"split": "cross"}})
+    with pytest.raises(ConfigError, match="output.split 'cross'"):
+        build_cross_pairs(tmp_path, cfg, Ledger(tmp_path), Ledger(tmp_path).read())
+
+
+def test_composite_geometry():
+    plate = np.full((200, 300, 3), 50, np.uint8)
+    reference = np.zeros((40, 30, 4), np.uint8)
+    reference[..., :3] = 220
+    mask = np.zeros((40, 30), np.uint8)
+    mask[10:30, 5:25] = 1  # the subject is 20 x 20 inside its reference
+    image, placed, (x0, y0, x1, y1) = composite_on_plate(reference, mask, plate)
+    assert image.shape == (200, 300, 3) and placed.shape == (200, 300)
+    assert y1 - y0 == round(SUBJECT_HEIGHT * 200) and y1 == round(SUBJECT_BOTTOM * 200)
+    assert abs((x0 + x1) / 2 - 150) <= 1
+    assert placed[y0:y1, x0:x1].all() and placed.sum() == (y1 - y0) * (x1 - x0)
+    assert (image[placed > 0] == 220).all() and (image[placed == 0] == 50).all()
+    # A wide subject is bounded by the plate width instead.
+    wide = np.ones((10, 100), np.uint8)
+    _, _, (x0, _, x1, _) = composite_on_plate(np.zeros((10, 100, 3), np.uint8), wide, plate)
+    assert x1 - x0 == 270
+
+
+def test_with_two_sources_every_plate_comes_from_the_other_one(tmp_path):
+    commit_sources(tmp_path, [35, 36])  # a new person in every clip: nothing but composites
+    result = run_pass(tmp_path)
+    assert set(result["kinds"]) == {"composite"} and result["target"] == 7
+    for sample in cross_samples(tmp_path).values():
+        meta = json.loads(sample["json"])
+        base, donor = meta["cross_pair"]["base"], meta["cross_pair"]["background_from"]
+        assert donor.split("-")[0] != base.split("-")[0]

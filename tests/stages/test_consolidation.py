@@ -1,0 +1,148 @@
+"""Consolidation across keyframes and reference cutting, on instances cut from real photos."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import cv2
+import numpy as np
+import pytest
+from skimage import data
+
+from pipeline.config import build_config
+from pipeline.record import Record
+from pipeline.stage import run_stage
+from stages.consolidation import Consolidator, choose_frames, clip_rng, max_clique
+from stages.references import ReferenceCutter, draw_variant
+
+WIDTH, HEIGHT = 640, 360
+CAT, CUP = [40, 40, 260, 300], [380, 60, 600, 300]
+
+
+def keyframes(third_cup_is_a_rocket: bool = False) -> np.ndarray:
+    """Three keyframes of a cat (left) and a cup (right) on a lawn; optionally the cup is a rocket on the last."""
+    lawn = cv2.resize(np.stack([data.grass()] * 3, axis=-1), (WIDTH, HEIGHT))
+    frames = []
+    for k in range(3):
+        frame = lawn.copy()
+        for (x0, y0, x1, y1), photo in ((CAT, data.chelsea()), (CUP, data.coffee())):
+            if third_cup_is_a_rocket and k == 2 and photo.shape == data.coffee().shape:
+                photo = data.rocket()
+            frame[y0:y1, x0:x1] = cv2.resize(photo, (x1 - x0, y1 - y0))
+        frames.append(frame)
+    return np.stack(frames)
+
+
+def clip(key: str = "k", frames: np.ndarray | None = None, valid=lambda k, e: True) -> Record:
+    record = Record(kind="clip", source_path="x.mp4", key=key)
+    record.blobs["keyframes"] = keyframes() if frames is None else frames
+    record.meta["clip_id"] = f"clip-{key}"
+    record.meta["keyframes"] = [{"at": a, "frame": f} for a, f in ((0.05, 2), (0.5, 24), (0.95, 46))]
+    record.meta["entities"] = [{"id": "e0", "kind": "object", "word": "cat", "category": "cat"},
+                               {"id": "e1", "kind": "object", "word": "cup", "category": "cup"},
+                               {"id": "e2", "kind": "background", "word": "lawn", "category": "lawn"}]
+    record.meta["detections"] = [
+        {"id": f"d{2 * k + j}", "keyframe": k, "entity": e, "label": w, "part": None, "box": box, "score": 0.9,
+         "valid": valid(k, e), "stats": {"area": 0.2}}
+        for k in range(3) for j, (e, w, box) in enumerate((("e0", "cat", CAT), ("e1", "cup", CUP)))
+    ]
+    masks = np.zeros((6, HEIGHT, WIDTH), np.uint8)
+    for i, d in enumerate(record.meta["detections"]):
+        x0, y0, x1, y1 = d["box"]
+        masks[i, y0 + 10 : y1 - 10, x0 + 10 : x1 - 10] = 1
+    record.blobs["masks"] = masks
+    record.meta["faces"] = []
+    return record
+
+
+def consolidate(record: Record, overrides=()) -> Record:
+    run_stage(Consolidator(build_config({}, list(overrides))), [record])
+    return record
+
+
+def test_an_entity_links_its_consistent_instances_and_leaves_out_the_odd_one():
+    record = consolidate(clip(frames=keyframes(third_cup_is_a_rocket=True)))
+    cat, cup, lawn = record.meta["entities"]
+    assert cat["instances"] == ["d0", "d2", "d4"]
+    assert cup["instances"] == ["d1", "d3"]  # the rocket on the last keyframe does not look like the cup
+    assert cup["reference"]["keyframe"] in (0, 1) and "reference" not in lawn
+    assert (cat["subject_id"], cup["subject_id"]) == (0, 1) and cat["view_id"] == 0
+
+
+def test_references_are_never_all_from_one_frame_when_others_are_valid():
+    frames_used = Counter()
+    for n in range(60):
+        record = consolidate(clip(key=f"k{n}"))
+        chosen = [e["reference"]["keyframe"] for e in record.meta["entities"] if "reference" in e]
+        assert len(set(chosen)) == 2, chosen
+        frames_used.update(chosen)
+    assert set(frames_used) == {0, 1, 2}  # the draw is random, not a fixed frame
+
+
+def test_a_single_valid_frame_is_used_even_when_shared():
+    record = consolidate(clip(valid=lambda k, e: k == 1))
+    assert [e["reference"]["keyframe"] for e in record.meta["entities"][:2]] == [1, 1]
+
+
+def test_the_draw_is_seeded_per_clip():
+    first = [consolidate(clip(key=f"k{n}")).meta["entities"][0]["reference"] for n in range(10)]
+    again = [consolidate(clip(key=f"k{n}")).meta["entities"][0]["reference"] for n in range(10)]
+    other = [consolidate(clip(key=f"k{n}"), ["consolidation.seed=7"]).meta["entities"][0]["reference"]
+             for n in range(10)]
+    assert first == again and first != other
+
+
+def test_a_clip_without_a_valid_entity_is_dropped():
+    record = consolidate(clip(valid=lambda k, e: False))
+    assert record.drop == {"stage": "consolidation", "reason": "no_valid_entity"}
+
+
+def test_different_faces_are_different_identities():
+    record = clip()
+    record.meta["entities"][0]["kind"] = "subject"
+    unit = np.eye(128, dtype=np.float32)
+    record.meta["faces"] = [{"detection": "d0", "score": 0.9}, {"detection": "d2", "score": 0.9},
+                            {"detection": "d4", "score": 0.9}]
+    record.blobs["face_embeddings"] = np.stack([unit[0], unit[0], unit[1]])  # the last face is someone else
+    consolidate(record)
+    assert record.meta["entities"][0]["instances"] == ["d0", "d2"]
+
+
+def test_max_clique_prefers_size_then_weight():
+    edges = {(0, 1), (1, 2), (0, 2), (2, 3)}
+    linked = lambda a, b: (min(a, b), max(a, b)) in edges  # noqa: E731
+    assert max_clique([0, 1, 2, 3], linked, weight=lambda n: 1.0) == [0, 1, 2]
+    assert max_clique([2, 3], linked, weight=lambda n: 1.0) == [2, 3]
+    assert max_clique([0, 3], linked, weight=lambda n: float(n)) == [3]
+    assert choose_frames({"a": [0], "b": [0]}, clip_rng(0, "k")) == {"a": 0, "b": 0}
+
+
+def test_references_are_cut_from_the_chosen_frame():
+    record = consolidate(clip())
+    run_stage(ReferenceCutter(build_config({}, ["references.pad=0.0"])), [record])
+    references = record.meta["references"]
+    assert [r["entity"] for r in references] == ["e0", "e1"] and [r["k"] for r in references] == [0, 1]
+    for ref in references:
+        image, mask = record.blobs[f"ref{ref['k']}"], record.blobs[f"refmask{ref['k']}"]
+        assert ref["box"] == (CAT if ref["entity"] == "e0" else CUP)
+        x0, y0, x1, y1 = ref["box"]
+        assert mask.shape == (y1 - y0, x1 - x0) and mask.sum() == (y1 - y0 - 20) * (x1 - x0 - 20)
+        frame = record.blobs["keyframes"][ref["keyframe"]]
+        assert ref["frame_index"] == (2, 24, 46)[ref["keyframe"]] and ref["source_clip"] == "clip-k"
+        if ref["variant"] == "segment":
+            assert image.shape[2] == 4 and np.array_equal(image[..., 3], mask * 255)
+        np.testing.assert_array_equal(image[..., :3], frame[y0:y1, x0:x1])
+        assert ref["pending"] == (ref["variant"] == "inpaint")
+
+
+def test_the_variant_mix_follows_the_ratio_with_redux_unavailable():
+    ratio = build_config().references.ratio  # crop:segment:inpaint:redux = 1:5:3:1
+    draws = [draw_variant(ratio, clip_rng(0, f"k{n}", "e0")) for n in range(2000)]
+    requested = Counter(r for r, _ in draws)
+    realized = Counter(v for _, v in draws)
+    assert requested["redux"] / 2000 == pytest.approx(0.1, abs=0.03)
+    assert "redux" not in realized
+    for variant, share in (("crop", 1 / 9), ("segment", 5 / 9), ("inpaint", 3 / 9)):
+        assert realized[variant] / 2000 == pytest.approx(share, abs=0.05), (variant, realized)
+    with pytest.raises(ValueError, match="only to unavailable"):
+        draw_variant({"redux": 1.0}, clip_rng(0, "k"))
