@@ -38,11 +38,10 @@ def clip_rng(seed: int, key: str, salt: str = "") -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-def appearance(frame: np.ndarray, mask: np.ndarray | None, box: list[int]) -> np.ndarray:
-    """A normalised hue-saturation histogram of the instance's pixels (its mask, else its box)."""
-    hsv = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2HSV)
+def appearance(hsv: np.ndarray, mask: np.ndarray | None, box: list[int]) -> np.ndarray:
+    """A normalised hue-saturation histogram of the instance's pixels (its mask, else its box) in an HSV frame."""
     if mask is None or not mask.any():
-        mask = np.zeros(frame.shape[:2], np.uint8)
+        mask = np.zeros(hsv.shape[:2], np.uint8)
         x0, y0, x1, y1 = box
         mask[y0:y1, x0:x1] = 1
     hist = cv2.calcHist([hsv], [0, 1], mask.astype(np.uint8), [16, 8], [0, 180, 0, 256])
@@ -92,12 +91,16 @@ class Consolidator(Stage):
             if face.get("detection") and embeddings is not None and row < len(embeddings):
                 face_of.setdefault(face["detection"], embeddings[row])
         hists: dict[int, np.ndarray] = {}
+        hsv: dict[int, np.ndarray] = {}  # per keyframe: converted once, shared by its instances
 
         def hist(i: int) -> np.ndarray:
             if i not in hists:
                 d = detections[i]
                 mask = masks[i] if masks is not None and len(masks) > i else None
-                hists[i] = appearance(keyframes[d["keyframe"]], mask, d["box"])
+                k = d["keyframe"]
+                if k not in hsv:
+                    hsv[k] = cv2.cvtColor(np.ascontiguousarray(keyframes[k]), cv2.COLOR_RGB2HSV)
+                hists[i] = appearance(hsv[k], mask, d["box"])
             return hists[i]
 
         def area(i: int) -> float:
