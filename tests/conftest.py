@@ -54,6 +54,22 @@ def demo_corpus(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def curated_out(demo_corpus, u2netp_dir, tmp_path_factory) -> Path:
+    """A finished quickstart-recipe run over the demo corpus (sequential, no Ray): real shards with references."""
+    from rich.console import Console
+
+    from pipeline.config import load_config
+    from pipeline.runner import curate
+
+    config = load_config(Path(TESTS.parent / "configs" / "quickstart.yaml"), [f"grounding.model.path={u2netp_dir}"])
+    config.input.paths = [str(demo_corpus / "videos")]
+    config.input.metadata = str(demo_corpus / "metadata.jsonl")
+    out = tmp_path_factory.mktemp("curated") / "out"
+    curate(config, out, console=Console(quiet=True), sequential=True)
+    return out
+
+
 def moving_frames(n: int, width: int = 320, height: int = 180, image=None):
     """A slow pan over a real photo: frames with texture and motion, not flat colours."""
     image = data.astronaut() if image is None else image
