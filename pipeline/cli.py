@@ -95,6 +95,26 @@ def curate_run(config_path, inputs, metadata, output, overrides, address, sequen
     )
 
 
+@curate.command("refilter")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="New directory for the result.")
+@click.option("--set", "overrides", multiple=True, metavar="filters.KEY=VALUE",
+              help="A new threshold, e.g. filters.instances.min_area=0.05; repeatable.")
+@_user_errors
+def curate_refilter(run_dir, output, overrides):
+    """Re-apply new filter thresholds to the finished run in RUN_DIR, from its stored stats, without any model.
+
+    Writes a complete output directory (shards, index, manifest, summary, cross-pairs) to OUTPUT; RUN_DIR is
+    not changed. Only tightens: clips the first run dropped have no shard to come back from.
+    """
+    from pipeline.refilter import refilter
+
+    summary = refilter(run_dir, output, list(overrides), console=err_console)
+    line = summary["refilter"]
+    err_console.print(f"[bold green]done[/]: {line['kept']} samples kept, {sum(line['dropped'].values())} dropped. "
+                      f"Details: s2v shards stats {output}")
+
+
 @main.group()
 def shards():
     """Inspect curated output."""
