@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from pipeline import __version__
 from pipeline.inputs import path_id
 from pipeline.record import Record
-from collections import Counter
-
 from pipeline.shard_writer import image_png, mask_png, npy_bytes, sample_json
 
 
@@ -154,6 +154,8 @@ def assemble_source(records: list[Record], config_hash: str, run_id: str) -> tup
             }
             if len(record.blobs.get("face_embeddings", ())):
                 sample["faces.npy"] = npy_bytes(record.blobs["face_embeddings"])  # rows follow KEY.json "faces"
+            if "detection_clip" in record.blobs:
+                sample["dclip.npy"] = npy_bytes(record.blobs["detection_clip"])  # rows follow KEY.json "detections"
             for index, mask in enumerate(record.blobs.get("masks", ())):
                 sample[f"dmask{index}.png"] = mask_png(mask)  # mask of KEY.json "detections"[index]
             for reference in record.meta.get("references", []):

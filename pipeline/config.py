@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.models import ModelSpec
 
@@ -248,16 +248,28 @@ class BackgroundConfig(_Section):
     dilate_px: int = Field(15, ge=0, description="masks grow by this many pixels before filling")
 
 
+KALEIDO_RATIO = {"crop": 1.0, "segment": 5.0, "inpaint": 3.0, "redux": 1.0}
+
+
 class ReferencesConfig(_Section):
     """Reference images per entity, in variants mixed by ratio (Kaleido: crop:segment:inpaint:redux = 1:5:3:1)."""
 
     ratio: dict[Literal["crop", "segment", "inpaint", "redux"], float] = Field(
-        default_factory=lambda: {"crop": 1.0, "segment": 5.0, "inpaint": 3.0, "redux": 1.0},
+        default_factory=lambda: dict(KALEIDO_RATIO),
         description="relative share of each variant; unavailable ones (redux without a model) are recorded and "
                     "their share goes to the others",
     )
     pad: float = Field(0.1, ge=0, le=1, description="crops grow by this fraction of the box on each side")
     seed: int = 0
+
+    @field_validator("ratio", mode="before")
+    @classmethod
+    def _merge_defaults(cls, value):
+        # `--set references.ratio.inpaint=6` must change one share, not silently zero the three others: variants
+        # left out keep their default share; give 0 to turn one off.
+        if isinstance(value, dict):
+            return {**KALEIDO_RATIO, **value}
+        return value
 
     @model_validator(mode="after")
     def _check_ratio(self):
@@ -279,6 +291,11 @@ class CrossPairsConfig(_Section):
         0.8, ge=-1, le=1,
         description="face-embedding cosine for 'same identity' across clips. dlib's 128-d match threshold "
                     "(euclidean 0.6 on unit vectors) is cosine ~0.82; ArcFace (insightface) needs ~0.4-0.5",
+    )
+    min_object_similarity: float = Field(
+        0.9, ge=-1, le=1,
+        description="CLIP image-embedding cosine of two object crops of one category for 'same object' across "
+                    "clips (needs clip_score.model; without it objects are always composited)",
     )
     seed: int = Field(0, description="which samples are bases, which partner and which background each gets")
 

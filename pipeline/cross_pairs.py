@@ -7,7 +7,9 @@ A post-pass over the committed own samples, run after every streaming pass (and 
    images are read only for the samples that are used).
 2. Identities: a subject reference's face embedding is the faces.npy row of the face with the reference's
    `detection`. References of different clips whose cosine is >= `cross_pairs.min_face_similarity` are linked;
-   union-find over the links gives identity clusters.
+   union-find over the links gives identity clusters. Objects, when the run had a CLIP model, are linked the same
+   way by the CLIP embedding of their reference detection's crop (KEY.dclip.npy), within one category and at
+   `cross_pairs.min_object_similarity`; without it they have no identity and are always composited.
 3. Bases: own samples in a seeded order (sha256 of seed and key: adding samples does not reshuffle the others),
    taken until C = round(share / (1 - share) * N_own) cross samples exist, so cross / (own + cross) ~= share.
    A base is used once; one without references, or none of whose references can be replaced, is skipped.
@@ -67,7 +69,7 @@ from pipeline.shard_writer import (
 CROSS_PREFIX = "cross"
 KEY_SUFFIX = "-x"
 # Bump when the construction changes: the digest then differs and the next run rebuilds the cross set.
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2
 # Composite placement on the plate: subject (its mask's bounding box) 60 % of the plate height, at most 90 % of its
 # width, centred horizontally, feet at 90 % of the height -- a person standing in the scene, not floating in it.
 SUBJECT_HEIGHT = 0.6
@@ -90,6 +92,8 @@ class OwnSample:
     members: dict[str, tuple[int, int]]  # extension -> (data offset, size) in the shard
     references: list[dict] = field(default_factory=list)  # KEY.json reference entries, in entity order
     faces: list[dict] = field(default_factory=list)  # KEY.json "faces": row i is faces.npy row i
+    detection_rows: dict[str, int] = field(default_factory=dict)  # detection id -> row in dclip.npy
+    object_categories: dict[str, str] = field(default_factory=dict)  # object entity id -> its category
 
     @property
     def has_background(self) -> bool:
@@ -160,12 +164,14 @@ def read_member(out: Path, sample: OwnSample, ext: str) -> bytes:
         return f.read(size)
 
 
-def index_own_samples(out: Path, state: LedgerState) -> tuple[list[OwnSample], dict[str, np.ndarray]]:
-    """The committed own samples in key order, and each one's face embeddings (faces.npy), from the shards' tar
-    headers plus their json/npy members; nothing else is read."""
+def index_own_samples(out: Path, state: LedgerState
+                      ) -> tuple[list[OwnSample], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The committed own samples in key order, each one's face embeddings (faces.npy) and detection crop
+    embeddings (dclip.npy), from the shards' tar headers plus their json/npy members; nothing else is read."""
     own = own_sample_shards(state)
     samples: dict[str, OwnSample] = {}
     embeddings: dict[str, np.ndarray] = {}
+    crops: dict[str, np.ndarray] = {}
     for shard in sorted(set(own.values())):
         with tarfile.open(out / shard, "r:") as tar:
             for member in tar:
@@ -184,10 +190,14 @@ def index_own_samples(out: Path, state: LedgerState) -> tuple[list[OwnSample], d
                     sample.source_id = (meta.get("source") or {}).get("id") or key.split("-")[0]
                     sample.references = [r for e in meta.get("entities", []) for r in e.get("references") or []]
                     sample.faces = meta.get("faces") or []
-                elif ext == "faces.npy":
-                    embeddings[key] = np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False)
+                    sample.detection_rows = {d["id"]: i for i, d in enumerate(meta.get("detections") or [])}
+                    sample.object_categories = {e["id"]: e.get("category") or e.get("word") or ""
+                                                for e in meta.get("entities", []) if e.get("kind") == "object"}
+                elif ext in ("faces.npy", "dclip.npy"):
+                    table = np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False)
+                    (embeddings if ext == "faces.npy" else crops)[key] = table
     ordered = [samples[k] for k in sorted(samples) if "json" in samples[k].members]
-    return ordered, embeddings
+    return ordered, embeddings, crops
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,26 +218,52 @@ def reference_embeddings(samples: list[OwnSample], embeddings: dict[str, np.ndar
                 continue
             where.append((si, ri))
             rows.append(np.asarray(table[row], np.float32).ravel())
+    return _unit_rows(where, rows)
+
+
+def object_reference_embeddings(samples: list[OwnSample], crops: dict[str, np.ndarray]
+                                ) -> tuple[list[tuple[int, int]], np.ndarray, list[str]]:
+    """(sample index, reference index) of every object reference with a CLIP crop embedding, the unit embeddings,
+    and each one's category (objects are only the same identity within one category)."""
+    where, rows = [], []
+    for si, sample in enumerate(samples):
+        table = crops.get(sample.key)
+        for ri, ref in enumerate(sample.references):
+            row = sample.detection_rows.get(ref.get("detection"))
+            if table is None or row is None or row >= len(table) or ref.get("entity") not in sample.object_categories:
+                continue
+            where.append((si, ri))
+            rows.append(np.asarray(table[row], np.float32).ravel())
+    where, matrix = _unit_rows(where, rows)
+    return where, matrix, [samples[si].object_categories[samples[si].references[ri]["entity"]] for si, ri in where]
+
+
+def _unit_rows(where: list[tuple[int, int]], rows: list[np.ndarray]) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The rows of the most common width that are not zero (an empty crop), normalised; and their positions."""
     if not rows:
         return [], np.zeros((0, 0), np.float32)
     dims = Counter(len(r) for r in rows).most_common(1)[0][0]  # one backend per output dir; guard anyway
     keep = [i for i, r in enumerate(rows) if len(r) == dims and np.linalg.norm(r) > 0]
+    if not keep:
+        return [], np.zeros((0, 0), np.float32)
     matrix = np.stack([rows[i] for i in keep])
     matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
     return [where[i] for i in keep], matrix
 
 
-def identity_links(where: list[tuple[int, int]], matrix: np.ndarray, clips: list[str], min_similarity: float
-                   ) -> tuple[list[list[tuple[int, float]]], list[int]]:
-    """Per face reference: its direct partners (row, cosine) in other clips, most similar first (at most
-    MAX_PARTNERS); and its identity cluster (union-find over those links), numbered from 0."""
+def identity_links(where: list[tuple[int, int]], matrix: np.ndarray, clips: list[str], min_similarity: float,
+                   groups: list[str] | None = None) -> tuple[list[list[tuple[int, float]]], list[int]]:
+    """Per reference: its direct partners (row, cosine) in other clips (and the same group, when given), most
+    similar first (at most MAX_PARTNERS); and its identity cluster (union-find over those links), numbered from 0."""
     n = len(where)
     clip_of = np.array([clips[si] for si, _ in where])
+    group_of = np.array(groups if groups is not None else [""] * n)
     partners: list[list[tuple[int, float]]] = [[] for _ in range(n)]
     uf = _UnionFind(n)
     for start in range(0, n, SIMILARITY_BLOCK):
         sims = matrix[start:start + SIMILARITY_BLOCK] @ matrix.T
-        linked = (sims >= min_similarity) & (clip_of[start:start + SIMILARITY_BLOCK, None] != clip_of[None, :])
+        linked = ((sims >= min_similarity) & (clip_of[start:start + SIMILARITY_BLOCK, None] != clip_of[None, :])
+                  & (group_of[start:start + SIMILARITY_BLOCK, None] == group_of[None, :]))
         for offset, row in enumerate(linked):
             js = np.flatnonzero(row)
             if len(js) > MAX_PARTNERS:
@@ -250,14 +286,14 @@ def target_count(share: float, n_own: int) -> int:
     return round(share / (1.0 - share) * n_own)
 
 
-def plan_cross_pairs(samples: list[OwnSample], embeddings: dict[str, np.ndarray], cfg: CrossPairsConfig
-                     ) -> tuple[list[CrossPlan], dict]:
+def plan_cross_pairs(samples: list[OwnSample], embeddings: dict[str, np.ndarray], cfg: CrossPairsConfig,
+                     crops: dict[str, np.ndarray] | None = None) -> tuple[list[CrossPlan], dict]:
     """Which own samples become bases and where each replaced reference comes from; plus what happened (target,
     cap, skipped bases and why, identity clusters)."""
     n_own = len(samples)
     sources = {s.source_id for s in samples}
     info: dict = {"own": n_own, "target": target_count(cfg.share, n_own), "capped": False, "skipped": {},
-                  "identity_clusters": 0, "face_references": 0}
+                  "identity_clusters": 0, "face_references": 0, "object_references": 0}
     if cfg.share == 0 or n_own < 2 or len(sources) < 2:
         info["target"] = 0 if cfg.share == 0 else info["target"]
         info["reason"] = "share is 0" if cfg.share == 0 else f"{n_own} own samples from {len(sources)} sources"
@@ -269,12 +305,20 @@ def plan_cross_pairs(samples: list[OwnSample], embeddings: dict[str, np.ndarray]
                        f"can be a base once: capped at {n_own}"
         target = n_own
 
-    where, matrix = reference_embeddings(samples, embeddings)
     clips = [s.clip_id for s in samples]
+    where, matrix = reference_embeddings(samples, embeddings)
     partners, identity = identity_links(where, matrix, clips, cfg.min_face_similarity) if where else ([], [])
+    info["face_references"] = len(where)
+    owhere, omatrix, categories = object_reference_embeddings(samples, crops or {})
+    if owhere:  # objects number their rows and clusters on from the faces'
+        opartners, oidentity = identity_links(owhere, omatrix, clips, cfg.min_object_similarity, categories)
+        offset, first = len(where), max(identity, default=-1) + 1
+        where = where + owhere
+        partners = partners + [[(j + offset, sim) for j, sim in p] for p in opartners]
+        identity = identity + [i + first for i in oidentity]
+    info["object_references"] = len(owhere)
     row_of = {pos: i for i, pos in enumerate(where)}
     clusters = Counter(identity)
-    info["face_references"] = len(where)
     info["identity_clusters"] = sum(1 for c, n in clusters.items() if n > 1)
 
     donors = [i for i, s in enumerate(samples) if s.has_background]
@@ -490,8 +534,8 @@ def build_cross_pairs(out_dir: str | Path, config: RunConfig, ledger: Ledger, st
         return None
 
     if cfg.share > 0:
-        samples, embeddings = index_own_samples(out, state)
-        plans, info = plan_cross_pairs(samples, embeddings, cfg)
+        samples, embeddings, crops = index_own_samples(out, state)
+        plans, info = plan_cross_pairs(samples, embeddings, cfg, crops)
     else:  # nothing to read: the entry only records that the set is empty
         samples, plans, info = [], [], {"own": len(own), "target": 0, "capped": False, "reason": "share is 0"}
 

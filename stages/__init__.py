@@ -84,6 +84,11 @@ def preflight(config) -> None:
                     resolve_model_dir(spec, role)
             except ModelUnavailable as exc:
                 problems.append(str(exc))
+    if config.grounding.model is not None and config.inpaint.backend == "flux-fill":
+        try:
+            resolve_model_dir(config.inpaint.model, "inpaint")
+        except ModelUnavailable as exc:
+            problems.append(str(exc))
     if config.grounding.model is not None and config.segmentation.backend == "mobile_sam":
         from stages.segmentation import mobile_sam_checkpoint
 
@@ -113,6 +118,11 @@ def describe_flow(config) -> dict:
     if config.grounding.model is not None and config.grounding.backend == "saliency":
         substitutes["grounding"] = ("U2-Net-p salient regions bound to entities by rule (instead of Grounding "
                                     "DINO: no open-vocabulary labels)")
+    if config.grounding.model is not None and config.inpaint.backend == "flux-fill":
+        try:
+            resolve_model_dir(config.inpaint.model, "inpaint")
+        except ModelUnavailable as exc:
+            problems.append(str(exc))
     if config.grounding.model is not None and config.segmentation.backend == "mobile_sam":
         substitutes["segmentation"] = "MobileSAM real weights (instead of SAM ViT-H)"
     if config.grounding.model is None:

@@ -7,11 +7,17 @@ against "a photo of a {category}") calls `ClipScorer.category_scores` on crops. 
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.models import ModelSpec, ModelUnavailable, resolve_model_dir, torch_device, torch_dtype
+from pipeline.models import (
+    ModelSpec,
+    ModelUnavailable,
+    resolve_model_dir,
+    torch_device,
+    torch_dtype,
+)
 from pipeline.record import Record
 from pipeline.stage import Stage
 
@@ -40,7 +46,7 @@ class ClipScorer:
         self.max_batch = max_batch
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec, role: str = "clip_score", max_batch: int = 256) -> "ClipScorer":
+    def from_spec(cls, spec: ModelSpec, role: str = "clip_score", max_batch: int = 256) -> ClipScorer:
         """Load the model named by `spec`; raise ModelUnavailable when its directory, config or weights are missing."""
         path = resolve_model_dir(spec, role).resolve()
         config_path = path / "open_clip_config.json"
@@ -158,22 +164,30 @@ class ClipScore(Stage):
 
     def _score_instances(self, records: list[Record]) -> None:
         """Kaleido's CLIP category check, as a stat: each detection's box crop against "a photo of a {category}"
-        of its entity (persons against "person"), into `detection["clip_category_score"]`. One image pass for all
-        crops of the batch; the filter that drops low scores reads this stat later."""
+        of its entity (persons against "person"), into `detection["clip_category_score"]`; and the crop's image
+        embedding into `blobs["detection_clip"]` (row i = detections[i], zeros for an empty box), which the
+        cross-pair pass uses as the identity of objects. One image pass for all crops of the batch; the filter
+        that drops low scores reads the stat later."""
         crops, targets, owners = [], [], []
         for record in records:
             categories = {e["id"]: e.get("category") or e.get("word") for e in record.meta.get("entities", [])}
-            for detection in record.meta.get("detections", []):
+            for i, detection in enumerate(record.meta.get("detections", [])):
                 x0, y0, x1, y1 = detection["box"]
                 crop = record.blobs["keyframes"][detection["keyframe"]][y0:y1, x0:x1]
                 if crop.size == 0:
                     continue
                 crops.append(np.ascontiguousarray(crop))
                 targets.append(categories.get(detection["entity"]) or detection["label"])
-                owners.append(detection)
+                owners.append((record, i))
         if not crops:
             return
         names = sorted(set(targets))
-        scores = self.scorer.category_scores(crops, names)
-        for row, target, detection in zip(scores, targets, owners):
-            detection["clip_category_score"] = float(row[names.index(target)])
+        embeddings = self.scorer.encode_images(crops)
+        scores = embeddings @ self.scorer.encode_texts([PROMPT_TEMPLATE.format(n) for n in names]).T
+        for record in records:
+            if record.meta.get("detections"):
+                record.blobs["detection_clip"] = np.zeros((len(record.meta["detections"]), embeddings.shape[1]),
+                                                          np.float32)
+        for row, embedding, target, (record, i) in zip(scores, embeddings, targets, owners):
+            record.meta["detections"][i]["clip_category_score"] = float(row[names.index(target)])
+            record.blobs["detection_clip"][i] = embedding

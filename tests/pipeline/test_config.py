@@ -65,3 +65,10 @@ def test_hash_ignores_inputs_and_ray_but_not_sample_settings():
     same = ["output.shard_max_samples=7", "shots.resources.num_cpus=4", "clips.resources.workers=3"]
     assert build_config({}, same).hash() == base.hash()
     assert build_config({}, ["clips.fps=12"]).hash() != base.hash()
+
+
+def test_one_reference_share_changes_without_zeroing_the_others():
+    config = build_config({}, ["references.ratio.inpaint=6"])
+    assert config.references.ratio == {"crop": 1.0, "segment": 5.0, "inpaint": 6.0, "redux": 1.0}
+    off = build_config({"references": {"ratio": {"crop": 0}}})
+    assert off.references.ratio["crop"] == 0 and off.references.ratio["segment"] == 5.0

@@ -394,3 +394,59 @@ def test_with_two_sources_every_plate_comes_from_the_other_one(tmp_path):
         meta = json.loads(sample["json"])
         base, donor = meta["cross_pair"]["base"], meta["cross_pair"]["background_from"]
         assert donor.split("-")[0] != base.split("-")[0]
+
+
+def with_object_embeddings(source: int, category: str):
+    """A source whose clip-1 object (entity e1, detection d1) has a CLIP crop embedding in KEY.dclip.npy: sources
+    2s and 2s+1 hold the same object (as they hold the same person)."""
+    entry, samples = source_entry_and_samples(source)
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        if not any(e["id"] == "e1" for e in meta["entities"]):
+            continue
+        for entity in meta["entities"]:
+            if entity["id"] == "e1":
+                entity["category"] = category
+        meta["detections"] = [{"id": "d0"}, {"id": "d1"}]
+        sample["json"] = sample_json(meta)
+        sample["dclip.npy"] = npy_bytes(np.stack([np.zeros(DIM, np.float32),
+                                                  embedding(5_000_000 + source // 2, sample["__key__"])]))
+    return entry, samples
+
+
+def test_objects_with_crop_embeddings_pair_with_the_same_object_elsewhere(tmp_path):
+    ledger = Ledger(tmp_path)
+    sink = ShardSink(tmp_path, OutputConfig(), ledger, ledger.recover())
+    # Sources 0-3 hold mugs (0~1 and 2~3 the same one); 4-5 a cup (4~5) whose crop embeddings are those of the
+    # mug of 0-1: only the category keeps the cup from pairing with that mug.
+    for source in range(4):
+        sink.add_source(*with_object_embeddings(source, "mug"))
+    for source in (4, 5):
+        sink.add_source(*_renamed(source, "cup"))
+    sink.close()
+    result = run_pass(tmp_path, config(share=0.5))
+    assert result["info"]["object_references"] == 6
+    swapped = 0
+    for key, sample in cross_samples(tmp_path).items():
+        meta = json.loads(sample["json"])
+        for ref in (r for e in meta["entities"] if e["id"] == "e1" for r in e["references"]):
+            if ref.get("cross", {}).get("kind") != "same_identity":
+                continue
+            swapped += 1
+            base, partner = int(key.split("-")[0], 16), int(ref["cross"]["from_key"].split("-")[0], 16)
+            assert partner != base and partner // 2 == base // 2
+            assert sample[ref["file"]] == own_samples(tmp_path)[ref["cross"]["from_key"]][ref["cross"]["from_file"]]
+    assert swapped >= 1
+
+
+def _renamed(source: int, category: str):
+    """Source `source` with the object embeddings of source `source - 4` (same vectors, other category)."""
+    entry, samples = with_object_embeddings(source - 4, category)
+    old, new = f"{source - 4:016x}", f"{source:016x}"
+    entry = json.loads(json.dumps(entry).replace(old, new).replace(f"/v/{source - 4}.mp4", f"/v/{source}.mp4"))
+    renamed = []
+    for sample in samples:
+        sample = {k: (v.replace(old.encode(), new.encode()) if k in ("json", "mp4") else v) for k, v in sample.items()}
+        sample["__key__"] = sample["__key__"].replace(old, new)
+        renamed.append(sample)
+    return entry, renamed

@@ -5,8 +5,10 @@ output is there, in the place and shape the next one and the shard format expect
 
 from __future__ import annotations
 
+import io
 import json
 
+import numpy as np
 import webdataset as wds
 
 from pipeline.config import build_config
@@ -55,6 +57,9 @@ def test_model_stages_compose_on_ray(tiny_model_dirs, demo_corpus, tmp_path):
             assert stage in meta["provenance"]["stages"], stage
         for det in meta["detections"]:
             assert 0.0 <= det["mask_area"] <= 1.0 and "mask_score" in det
+        if meta["detections"]:  # CLIP crop embeddings, row per detection, for object identities
+            crops = np.load(io.BytesIO(sample["dclip.npy"]))
+            assert crops.shape[0] == len(meta["detections"]) and crops.dtype == np.float32
         references = [r for e in meta["entities"] for r in e.get("references", [])]
         assert references and all(r["file"] in sample and r["mask"] in sample for r in references)
         assert "bg.png" in sample and meta["background"]["backend"] == "opencv-telea"

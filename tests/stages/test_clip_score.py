@@ -188,3 +188,5 @@ def test_each_detection_crop_gets_its_category_score(stage, scorer, photos):
     expected = [scorer.category_scores([crops[0]], ["woman"])[0, 0], scorer.category_scores([crops[1]], ["person"])[0, 0]]
     got = [d["clip_category_score"] for d in out.meta["detections"]]
     np.testing.assert_allclose(got, expected, atol=1e-5)
+    # The crop embeddings are kept, row per detection, for the cross-pair pass's object identities.
+    np.testing.assert_allclose(out.blobs["detection_clip"], scorer.encode_images(crops), atol=1e-5)

@@ -350,3 +350,14 @@ def test_flux_fill_refuses_a_missing_or_wrong_model(tmp_path):
     text_to_image = save_tiny_flux_fill(tmp_path / "t2i", fill=False)
     with pytest.raises(ModelUnavailable, match="not a FLUX Fill model: its transformer takes 16 input channels"):
         Inpainter(flux_config(text_to_image)).setup()
+
+
+def test_a_missing_flux_fill_directory_fails_preflight(tmp_path, u2netp_dir):
+    from pipeline.config import ConfigError, load_config
+    from stages import preflight
+
+    config = load_config("configs/quickstart.yaml", [
+        f"grounding.model.path={u2netp_dir}", "inpaint.backend=flux-fill",
+        f"inpaint.model.path={tmp_path / 'no-such-fill'}"])
+    with pytest.raises(ConfigError, match="inpaint model .*no-such-fill"):
+        preflight(config)
