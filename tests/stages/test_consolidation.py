@@ -146,3 +146,16 @@ def test_the_variant_mix_follows_the_ratio_with_redux_unavailable():
         assert realized[variant] / 2000 == pytest.approx(share, abs=0.05), (variant, realized)
     with pytest.raises(ValueError, match="only to unavailable"):
         draw_variant({"redux": 1.0}, clip_rng(0, "k"))
+
+
+def test_on_a_200_sample_run_the_realized_mix_is_within_5_points_of_the_ratio():
+    config = build_config()
+    frames = keyframes()
+    records = [consolidate(clip(f"{n:016x}-0000000-0000090", frames)) for n in range(200)]
+    run_stage(ReferenceCutter(config), records)
+    realized = Counter(r["variant"] for rec in records for r in rec.meta["references"])
+    total = sum(realized.values())
+    assert total == 400  # two consolidated objects per clip, one reference each
+    # redux has no backend: its tenth of the draws goes to the others in proportion, so 1:5:3 of what is made.
+    for variant, share in (("crop", 1 / 9), ("segment", 5 / 9), ("inpaint", 3 / 9)):
+        assert realized[variant] / total == pytest.approx(share, abs=0.05), realized
