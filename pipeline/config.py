@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.models import ModelSpec
 
@@ -240,6 +247,30 @@ class InpaintConfig(_Section):
         return self
 
 
+class ReduxConfig(_Section):
+    """`redux` references (Kaleido): the subject's crop re-imagined by FLUX.1-Redux-dev's image prior feeding
+    FLUX.1-dev, for pose and lighting variety. A GPU stage; without both models `redux` is unavailable and its
+    share of `references.ratio` goes to the other variants."""
+
+    model: ModelSpec | None = Field(None, description="FLUX.1-Redux-dev diffusers directory (FluxPriorReduxPipeline)")
+    base_model: ModelSpec | None = Field(None, description="FLUX.1-dev diffusers directory (FluxPipeline; its text "
+                                                           "encoders are not loaded: Redux's image prompt replaces them)")
+    steps: int = Field(28, ge=1)
+    guidance_scale: float = Field(2.5, ge=0)
+    size: int = Field(512, ge=64, description="long side of the generated reference, in pixels")
+    seed: int = 0
+    resources: StageResources = Field(default_factory=StageResources)
+
+    def enabled(self) -> bool:
+        return self.model is not None and self.base_model is not None
+
+    @model_validator(mode="after")
+    def _check_pair(self):
+        if (self.model is None) != (self.base_model is None):
+            raise ValueError("redux needs both model (FLUX.1-Redux-dev) and base_model (FLUX.1-dev), or neither")
+        return self
+
+
 class BackgroundConfig(_Section):
     """A clean background plate per clip: every instance mask of one keyframe, dilated, filled."""
 
@@ -275,9 +306,6 @@ class ReferencesConfig(_Section):
     def _check_ratio(self):
         if any(v < 0 for v in self.ratio.values()) or sum(self.ratio.values()) <= 0:
             raise ValueError(f"ratio needs non-negative shares with a positive sum (got {self.ratio})")
-        if not any(v > 0 for k, v in self.ratio.items() if k != "redux"):
-            raise ValueError("ratio gives weight only to redux, which has no backend in this release; "
-                             "give crop, segment or inpaint a share")
         return self
 
 
@@ -327,10 +355,18 @@ class RunConfig(_Section):
     consolidation: ConsolidationConfig = Field(default_factory=ConsolidationConfig)
     references: ReferencesConfig = Field(default_factory=ReferencesConfig)
     inpaint: InpaintConfig = Field(default_factory=InpaintConfig)
+    redux: ReduxConfig = Field(default_factory=ReduxConfig)
     background: BackgroundConfig = Field(default_factory=BackgroundConfig)
     cross_pairs: CrossPairsConfig = Field(default_factory=CrossPairsConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check_redux_share(self):
+        if not self.redux.enabled() and not any(v > 0 for k, v in self.references.ratio.items() if k != "redux"):
+            raise ValueError("references.ratio gives weight only to redux, which is unavailable without redux.model "
+                             "and redux.base_model; give crop, segment or inpaint a share")
+        return self
 
     def hash(self) -> str:
         """Hash of everything that shapes the samples: not where inputs come from, where or how wide Ray runs,
@@ -356,6 +392,8 @@ def _model_in(annotation) -> type[BaseModel] | None:
 
 def _format_error(err: dict, model: type[BaseModel]) -> str:
     loc = [str(p) for p in err["loc"]]
+    if not loc:  # a check across sections: its message names the keys
+        return err["msg"].removeprefix("Value error, ")
     key = ".".join(loc) or "<root>"
     if err["type"] == "extra_forbidden":
         section = model

@@ -20,7 +20,7 @@ from pipeline.ledger import LedgerState
 # Where each unit leaves the flow, in flow order: the funnel is reported in this order.
 STAGE_ORDER = ["input", "probe", "shot_cut", "clip_extract", "quality_stats", "quality_filter", "caption",
                "person_grounding", "entities", "grounding", "segmentation", "faces", "clip_score", "instance_stats",
-               "instance_filter", "consolidation", "references", "inpainting"]
+               "instance_filter", "consolidation", "references", "redux", "inpainting"]
 
 MANIFEST_SCHEMA = pa.schema(
     [

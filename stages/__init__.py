@@ -58,7 +58,12 @@ def build_flow(config) -> list[type]:
         from stages.instances import InstanceFilter, InstanceStats
         from stages.references import ReferenceCutter
 
-        flow += [InstanceStats, InstanceFilter, Consolidator, ReferenceCutter, Inpainter]
+        flow += [InstanceStats, InstanceFilter, Consolidator, ReferenceCutter]
+        if config.redux.enabled():
+            from stages.redux import Reduxer
+
+            flow.append(Reduxer)
+        flow.append(Inpainter)
     return flow
 
 
@@ -84,11 +89,15 @@ def preflight(config) -> None:
                     resolve_model_dir(spec, role)
             except ModelUnavailable as exc:
                 problems.append(str(exc))
-    if config.grounding.model is not None and config.inpaint.backend == "flux-fill":
-        try:
-            resolve_model_dir(config.inpaint.model, "inpaint")
-        except ModelUnavailable as exc:
-            problems.append(str(exc))
+    if config.grounding.model is not None:
+        generative = [("inpaint", config.inpaint.model)] if config.inpaint.backend == "flux-fill" else []
+        if config.redux.enabled():
+            generative += [("redux", config.redux.model), ("redux base", config.redux.base_model)]
+        for role, spec in generative:
+            try:
+                resolve_model_dir(spec, role)
+            except ModelUnavailable as exc:
+                problems.append(str(exc))
     if config.grounding.model is not None and config.segmentation.backend == "mobile_sam":
         from stages.segmentation import mobile_sam_checkpoint
 
@@ -118,11 +127,6 @@ def describe_flow(config) -> dict:
     if config.grounding.model is not None and config.grounding.backend == "saliency":
         substitutes["grounding"] = ("U2-Net-p salient regions bound to entities by rule (instead of Grounding "
                                     "DINO: no open-vocabulary labels)")
-    if config.grounding.model is not None and config.inpaint.backend == "flux-fill":
-        try:
-            resolve_model_dir(config.inpaint.model, "inpaint")
-        except ModelUnavailable as exc:
-            problems.append(str(exc))
     if config.grounding.model is not None and config.segmentation.backend == "mobile_sam":
         substitutes["segmentation"] = "MobileSAM real weights (instead of SAM ViT-H)"
     if config.grounding.model is None:
@@ -134,7 +138,8 @@ def describe_flow(config) -> dict:
     if config.grounding.model is not None:
         if config.inpaint.backend == "opencv":
             substitutes["inpainting"] = "OpenCV Telea fill on CPU (instead of FLUX.1-Fill)"
-        off.append("references.redux")  # no FLUX Redux backend yet: its share of the mix goes to the others
+        if not config.redux.enabled():
+            off.append("references.redux")  # no FLUX Redux models: its share of the mix goes to the others
     if not config.faces.enabled:
         off.append("faces")
     return {"stages": [cls.name for cls in build_flow(config)], "substitutes": substitutes, "off": off}

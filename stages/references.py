@@ -6,8 +6,9 @@ Variants, all cut from the entity's reference keyframe around its box grown by `
 - `segment`: the crop as RGBA, its alpha the entity's mask (the box when segmentation did not run);
 - `inpaint`: the crop with everything outside the entity's mask regenerated; this stage cuts it and marks it
   `pending`, the `inpainting` stage fills it (FLUX.1-Fill on GPU, OpenCV on CPU);
-- `redux`: FLUX Redux re-posing. This release has no Redux backend, so it is always unavailable: a draw that lands
-  on it is counted in `unavailable` and drawn again among the others, so its share goes to them in proportion.
+- `redux`: the crop re-imagined by FLUX Redux (`stages/redux.py`): cut here and marked `pending`, the `redux`
+  stage generates it. Without `redux.model` and `redux.base_model` it is unavailable: a draw that lands on it is
+  recorded as `requested` and drawn again among the others, so its share goes to them in proportion.
 
 The draw is seeded by `references.seed`, the clip key and the entity id: reruns give the same variants. Each
 reference is `{"k", "file": "ref{k}.png", "mask": "mask{k}.png", "entity", "variant", "requested", "detection",
@@ -25,7 +26,8 @@ from pipeline.stage import Stage
 from stages.consolidation import clip_rng
 
 VARIANTS = ("crop", "segment", "inpaint", "redux")
-UNAVAILABLE = {"redux": "no FLUX Redux backend in this release"}
+UNAVAILABLE = {"redux": "redux.model and redux.base_model are not set"}
+PENDING = ("inpaint", "redux")  # variants a later stage makes from the cut crop
 
 
 def draw_variant(ratio: dict[str, float], rng, unavailable=UNAVAILABLE) -> tuple[str, str]:
@@ -57,6 +59,7 @@ class ReferenceCutter(Stage):
     def _cut(self, record: Record) -> None:
         cfg = self.config.references
         detections = {d["id"]: (i, d) for i, d in enumerate(record.meta.get("detections") or [])}
+        unavailable = {} if self.config.redux.enabled() else UNAVAILABLE
         keyframes = record.blobs["keyframes"]
         masks = record.blobs.get("masks")
         frame_of = [k.get("frame") for k in record.meta.get("keyframes", [])]
@@ -77,7 +80,7 @@ class ReferenceCutter(Stage):
                 bx0, by0, bx1, by1 = detection["box"]
                 mask[max(by0 - y0, 0) : by1 - y0, max(bx0 - x0, 0) : bx1 - x0] = 1
             crop = np.ascontiguousarray(frame[y0:y1, x0:x1])
-            requested, variant = draw_variant(cfg.ratio, clip_rng(cfg.seed, record.key, entity["id"]))
+            requested, variant = draw_variant(cfg.ratio, clip_rng(cfg.seed, record.key, entity["id"]), unavailable)
             n = len(references)
             if variant == "segment":
                 crop = np.dstack([crop, mask * 255])
@@ -92,7 +95,7 @@ class ReferenceCutter(Stage):
                 "entity": entity["id"],
                 "variant": variant,
                 "requested": requested,
-                "pending": variant == "inpaint",
+                "pending": variant in PENDING,
                 "detection": detection["id"],
                 "keyframe": k,
                 "frame_index": frame_of[k] if k < len(frame_of) else None,
@@ -113,5 +116,5 @@ class ReferenceCutter(Stage):
         record.meta["references"] = references
         record.meta.setdefault("provenance", {})[self.name] = (
             f"ratio {cfg.ratio} seed={cfg.seed} pad={cfg.pad}; unavailable: "
-            + "; ".join(f"{v} ({why})" for v, why in UNAVAILABLE.items())
+            + ("; ".join(f"{v} ({why})" for v, why in unavailable.items()) or "none")
         )
