@@ -26,13 +26,14 @@ def _user_errors(fn):
     @wraps(fn)
     def wrapper(*args, **kwargs):
         from pipeline.config import ConfigError
+        from pipeline.contact_sheet import ContactSheetError
         from pipeline.inputs import InputError
         from pipeline.stats import StatsError
         from pipeline.video import VideoError
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, InputError, StatsError) as exc:
+        except (ConfigError, ContactSheetError, InputError, StatsError) as exc:
             raise UserError(str(exc)) from None
         except VideoError as exc:
             raise UserError(exc.message) from None
@@ -137,6 +138,43 @@ def shards_stats(out_dirs, as_json):
         return
     for summary in summaries:
         print_stats(summary, Console())
+
+
+@shards.command("verify")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@_user_errors
+def shards_verify(out_dir, as_json):
+    """Check OUT_DIR end to end: every shard readable by webdataset, sha256 and sizes as in index.json, every
+    sample complete (each file its KEY.json names), manifest, ledger and shards in agreement.
+
+    Exits 0 when all is well, 1 with the list of problems otherwise.
+    """
+    from pipeline.verify import print_verification, verify_output
+
+    result = verify_output(out_dir, None if as_json else err_console)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_verification(result, Console())
+    sys.exit(0 if result.ok else 1)
+
+
+@shards.command("show")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("key")
+@click.option("--out", "out_png", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.option("--frames", default=6, show_default=True, help="Frames of the clip to show.")
+@click.option("--width", default=1600, show_default=True, help="Width of the sheet in pixels.")
+@_user_errors
+def shards_show(out_dir, key, out_png, frames, width):
+    """A contact sheet of sample KEY (or a unique prefix of it): frames, keyframes with boxes and masks, each
+    reference with its variant, word, group and origin, the background plate, and the caption with entity words
+    highlighted. Works for cross-paired samples (KEY-x) too."""
+    from pipeline.contact_sheet import contact_sheet
+
+    path = contact_sheet(out_dir, key, out_png, frames=frames, width=width)
+    click.echo(str(path))
 
 
 @main.command()
