@@ -124,20 +124,26 @@ def shards():
 @shards.command("stats")
 @click.argument("out_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a list for several directories).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Also write a self-contained HTML report with plots (funnel, distributions, filter scores).")
 @_user_errors
-def shards_stats(out_dirs, as_json):
-    """Counts, the drop funnel by stage and reason, clip durations and throughput of OUT_DIRS.
+def shards_stats(out_dirs, as_json, html_path):
+    """Counts, the drop funnel by stage and reason, content, reference variants, cross-pairs, clip shapes, faces
+    and throughput of OUT_DIRS (several directories are added up, with a row each).
 
     Works on a run that is still going (it reads the commit ledger).
     """
-    from pipeline.stats import print_stats, shard_stats
+    from pipeline.stats import combined_stats, print_stats, shard_stats
 
-    summaries = [shard_stats(d) for d in out_dirs]
     if as_json:
+        summaries = [shard_stats(d) for d in out_dirs]
         click.echo(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2))
-        return
-    for summary in summaries:
-        print_stats(summary, Console())
+    else:
+        print_stats(shard_stats(out_dirs[0]) if len(out_dirs) == 1 else combined_stats(out_dirs), Console())
+    if html_path:
+        from pipeline.report import write_report
+
+        err_console.print(f"report: {write_report(list(out_dirs), html_path)}")
 
 
 @shards.command("verify")
