@@ -257,3 +257,11 @@ def demo_data(out_dir, videos, seed):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# The trainer's commands, `s2v train` and `s2v sample`: they import torch only when run.
+from trainer.cli import sample as _sample
+from trainer.cli import train as _train
+
+main.add_command(_train)
+main.add_command(_sample)
