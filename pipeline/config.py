@@ -448,19 +448,26 @@ def build_config(data: dict | None = None, overrides: list[str] | tuple[str, ...
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems)) from None
 
 
+def read_recipe(path: str | Path | None, sections: str) -> dict:
+    """A YAML recipe as a dict ({} when path is None); ConfigError naming the file when it is missing, not YAML,
+    or not a mapping of sections (`sections` names a few for the message). Shared with the trainer's config."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections ({sections}, ...)")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a YAML recipe (or defaults when path is None) and apply overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (input, shots, clips, ...)")
+    data = read_recipe(path, "input, shots, clips")
     try:
         return build_config(data, overrides)
     except ConfigError as exc:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.config import ConfigError, _format_error, _set_path, parse_override
+from pipeline.config import ConfigError, _format_error, _set_path, parse_override, read_recipe
 from trainer.data import DataConfig
 
 POSITION_SCHEMES = ("phantom", "kaleido", "ts-rope", "lumosx")
@@ -165,17 +165,7 @@ def _check_model_size(section: ModelSection) -> None:
 def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
                       shards: str | Path | None = None) -> TrainConfig:
     """Load a YAML recipe (or the defaults when path is None), apply overrides and the shards location."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, optim, ...)")
+    data = read_recipe(path, "data, model, optim")
     try:
         return build_train_config(data, overrides, shards)
     except ConfigError as exc:
