@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.shard_writer import read_shard_samples
 from pipeline.video import VideoError, iter_frames
 
 WIDTH = 1600
@@ -133,12 +134,8 @@ def _shard_members(path: Path) -> list[str]:
 
 
 def _read_sample(out: Path, shard: str, key: str) -> Sample:
-    parts: dict[str, bytes] = {}
-    with tarfile.open(out / shard, "r:") as tar:
-        for member in tar:
-            name, _, ext = member.name.partition(".")
-            if name == key and member.isfile():
-                parts[ext] = tar.extractfile(member).read()
+    parts = read_shard_samples(out / shard, {key}).get(key, {})
+    parts.pop("__key__", None)
     if "json" not in parts:
         raise ContactSheetError(f"{shard}: sample {key} has no KEY.json")
     return Sample(key, shard, parts)

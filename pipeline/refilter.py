@@ -19,7 +19,6 @@ more instances valid but adds none to a clique. For looser settings, curate agai
 from __future__ import annotations
 
 import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from pipeline.config import ConfigError, RunConfig, build_config, parse_override
 from pipeline.cross_pairs import build_cross_pairs
 from pipeline.ledger import Ledger, LedgerState
 from pipeline.outputs import write_outputs
-from pipeline.shard_writer import ShardSink, sample_json
+from pipeline.shard_writer import ShardSink, read_shard_samples, sample_json
 from stages.instances import decide_instances
 from stages.quality import quality_decision
 
@@ -104,17 +103,6 @@ def _counts_of(meta: dict) -> dict:
     return reference_counts({"references": references, "stats": meta.get("stats", {})})
 
 
-def _read_shard(path: Path) -> dict[str, dict]:
-    """key -> {ext: bytes} for every sample in one tar, in tar order."""
-    samples: dict[str, dict] = {}
-    with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            if member.isfile():
-                key, _, ext = member.name.partition(".")
-                samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
-    return samples
-
-
 def refilter(src_dir: str | Path, dst_dir: str | Path, overrides: list[str], console: Console | None = None) -> dict:
     """Write DST: SRC's samples re-decided under `filters.*` overrides. Returns DST's summary plus `refilter` counts."""
     console = console or Console(stderr=True)
@@ -142,7 +130,7 @@ def refilter(src_dir: str | Path, dst_dir: str | Path, overrides: list[str], con
     buffered: dict[str, dict] = {}
     # Shards in commit order; a shard's line names the sources it completes, so memory holds about one shard.
     for shard, shard_entry in state.shards.items():
-        buffered.update(_read_shard(src / shard))
+        buffered.update(read_shard_samples(src / shard))
         for source in shard_entry.get("sources", []):
             kept += _refilter_source(source, buffered, config, sink, dropped)
             done.add(source["source_id"])

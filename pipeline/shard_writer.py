@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,18 @@ class ShardSink:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def read_shard_samples(path: str | Path, keys: set[str] | None = None) -> dict[str, dict]:
+    """key -> {"__key__", ext: bytes} of the samples in one of our tars (all, or only `keys`), in tar order. Members
+    of other samples are skipped by their headers, so picking one sample out of a big shard reads only its bytes."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if member.isfile() and (keys is None or key in keys):
+                samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+    return samples
 
 
 def sample_json(meta: dict) -> bytes:

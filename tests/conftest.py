@@ -27,6 +27,19 @@ def load_by_path(path: Path):
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny models (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): each op takes
+    microseconds, so a second intra-op thread only adds synchronisation; on the shared 2-core machine its
+    spin-waits made such modules several times slower. The process's setting is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
 def tiny_qwen(tmp_path_factory) -> Path:
     """A tiny random-init Qwen2.5-VL (model, processor, tokenizer) saved with save_pretrained."""
     return load_by_path(TESTS / "stages" / "tiny_qwen.py").build_tiny_qwen(tmp_path_factory.mktemp("qwen"))

@@ -24,13 +24,7 @@ WIDTH, HEIGHT = 640, 360
 FLUX_WIDTH, FLUX_HEIGHT = 150, 90
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: intra-op threads only add synchronisation on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 def save_tiny_flux_fill(directory: Path, fill: bool = True) -> Path:

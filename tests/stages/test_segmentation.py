@@ -44,14 +44,7 @@ WIDTH, HEIGHT = 640, 360
 BACKENDS = ["segment-anything", "transformers"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These models are tiny: each op takes microseconds and intra-op threads only add synchronisation. On the
-    shared 2-core CI machine two threads made this module 2-3x slower (20 s against 8 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 def _shifted(state: dict, seed: int) -> dict:

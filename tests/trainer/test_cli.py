@@ -8,7 +8,6 @@ from pathlib import Path
 
 import av
 import pytest
-import torch
 from click.testing import CliRunner
 
 from trainer.cli import sample, train
@@ -18,11 +17,7 @@ FAST = ["--set", "steps=2", "--set", "ckpt_every=2", "--set", "log_every=1", "--
         "--set", "data.clip_offset=start"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,7 @@ from trainer.positions import SCHEMES
 C, TEXT_DIM, L = 16, 32, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: a second intra-op thread only adds synchronisation, and on a busy 2-core machine its
-    spin-waits made this module several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 def make_model(scheme: str, seed: int = 0, **overrides) -> DiT:

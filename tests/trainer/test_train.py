@@ -24,12 +24,7 @@ from trainer.train import EMA, Trainer, checkpoint_dirs, lr_factor, sample_t
 synthetic = load_by_path(Path(__file__).parent / "synthetic.py")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_threads():
-    """The runs below ask for one torch thread (threads: 1); put the process back as it was."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
