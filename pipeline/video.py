@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Iterator
 
 import av
 import numpy as np
@@ -73,7 +73,7 @@ def probe(path: str) -> ProbeInfo:
             duration = container.duration / av.time_base
         else:
             duration = 0.0
-        num_frames = int(stream.frames) if stream.frames else int(round(duration * fps))
+        num_frames = int(stream.frames) if stream.frames else round(duration * fps)
         try:
             first = next(container.decode(stream))
         except (StopIteration, av.error.FFmpegError) as exc:
@@ -106,8 +106,8 @@ def fit_size(width: int, height: int, max_short_side: int | None, max_long_side:
         scale = min(scale, max_short_side / short)
     if max_long_side and long_ > max_long_side:
         scale = min(scale, max_long_side / long_)
-    w = max(2, int(round(width * scale / 2)) * 2)
-    h = max(2, int(round(height * scale / 2)) * 2)
+    w = max(2, round(width * scale / 2) * 2)
+    h = max(2, round(height * scale / 2) * 2)
     return w, h
 
 
@@ -146,10 +146,71 @@ def iter_frames(
         container.close()
 
 
+def read_frames(
+    path, indices, size: tuple[int, int] | None = None, pix_fmt: str = "rgb24"
+) -> dict[int, np.ndarray]:
+    """Only the frames at `indices` (0-based), as {index: HxWx3 uint8} in display orientation.
+
+    Seeks to the keyframe at or before the first index and converts only the wanted frames, so a late window of a
+    clip with short GOPs costs a few frames of decoding, not the whole clip. Indices past the end are missing from
+    the result; a decode error ends it early with what was read (like a truncated file). `path` may be a file-like.
+    """
+    wanted = sorted(set(indices))
+    if not wanted:
+        return {}
+    kept = _read_selected(path, wanted, size, pix_fmt, seek=wanted[0] > 0)
+    if kept is None:  # frames without timestamps cannot be placed after a seek: read from the start instead
+        if hasattr(path, "seek"):
+            path.seek(0)
+        kept = _read_selected(path, wanted, size, pix_fmt, seek=False)
+    return kept
+
+
+def _read_selected(path, wanted: list[int], size, pix_fmt: str, seek: bool) -> dict[int, np.ndarray] | None:
+    container = av.open(path)
+    kept: dict[int, np.ndarray] = {}
+    targets = set(wanted)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "SLICE"
+        rate = stream.average_rate or stream.guessed_rate
+        base, origin = stream.time_base, stream.start_time or 0
+        if seek and rate and base:
+            container.seek(origin + int(wanted[0] / float(rate) / float(base)), stream=stream, backward=True)
+        else:
+            seek = False
+        try:
+            for count, frame in enumerate(container.decode(stream)):
+                if not seek:
+                    index = count
+                elif frame.pts is None:
+                    return None
+                else:
+                    index = round(float((frame.pts - origin) * base * rate))
+                if index > wanted[-1]:
+                    break
+                if index in kept or index not in targets:
+                    continue
+                rotation = int(frame.rotation) % 360
+                if size is not None:
+                    w, h = size if rotation in (0, 180) else (size[1], size[0])
+                    frame = frame.reformat(width=w, height=h, format=pix_fmt)
+                array = frame.to_ndarray(format=pix_fmt)
+                kept[index] = np.ascontiguousarray(np.rot90(array, k=rotation // 90)) if rotation else array
+                if len(kept) == len(wanted):
+                    break
+        except av.error.FFmpegError:
+            pass
+    finally:
+        container.close()
+    return kept
+
+
 class ClipEncoder:
     """Encodes RGB frames into an in-memory H.264 mp4 (yuv420p, so width and height must be even)."""
 
-    def __init__(self, width: int, height: int, fps: float, crf: int = 23, preset: str = "veryfast", threads: int = 1):
+    def __init__(self, width: int, height: int, fps: float, crf: int = 23, preset: str = "veryfast", threads: int = 1,
+                 keyframe_s: float = 1.0):
         self._buffer = io.BytesIO()
         self._container = av.open(self._buffer, mode="w", format="mp4")
         rate = Fraction(fps).limit_denominator(1001)
@@ -157,7 +218,10 @@ class ClipEncoder:
         self._stream.width, self._stream.height = width, height
         self._stream.pix_fmt = "yuv420p"
         self._stream.codec_context.thread_count = threads
-        self._stream.options = {"crf": str(crf), "preset": preset}
+        # A keyframe every `keyframe_s` (x264's default is every 250 frames, i.e. one GOP per clip): a trainer that
+        # samples a window late in a clip then seeks to the keyframe before it instead of decoding from frame 0.
+        keyint = str(max(1, round(fps * keyframe_s)))
+        self._stream.options = {"crf": str(crf), "preset": preset, "g": keyint, "keyint_min": keyint}
         self.frames = 0
 
     def add(self, rgb: np.ndarray) -> None:

@@ -38,7 +38,6 @@ import math
 import random
 import re
 from collections.abc import Iterator
-from contextlib import closing
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -53,7 +52,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.video import iter_frames
+from pipeline.video import read_frames
 
 log = logging.getLogger(__name__)
 
@@ -281,15 +280,10 @@ def decode_clip(mp4: bytes, plan: SamplePlan) -> np.ndarray:
     scale = max(width / clip_w, height / clip_h)
     scaled_w, scaled_h = max(width, round(clip_w * scale)), max(height, round(clip_h * scale))
     top, left = (scaled_h - height) // 2, (scaled_w - width) // 2
-    wanted = set(plan.frames)
-    kept: dict[int, np.ndarray] = {}
-    last = max(plan.frames)
-    with closing(iter_frames(io.BytesIO(mp4), size=(scaled_w, scaled_h))) as decoded:
-        for i, rgb in enumerate(decoded):
-            if i in wanted:
-                kept[i] = rgb[top : top + height, left : left + width]
-            if i >= last:
-                break
+    # Seeks to the keyframe before the window (pipeline clips have a keyframe every second) and scales only the
+    # sampled frames.
+    decoded = read_frames(io.BytesIO(mp4), plan.frames, size=(scaled_w, scaled_h))
+    kept = {i: rgb[top : top + height, left : left + width] for i, rgb in decoded.items()}
     if not kept:
         raise SampleError("the mp4 decoded to no frames")
     # A container header can promise more frames than decode: the last decoded frame stands in for the rest.

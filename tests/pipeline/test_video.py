@@ -1,8 +1,10 @@
+import io
+
 import av
 import numpy as np
 import pytest
 
-from pipeline.video import ClipEncoder, VideoError, encode_video, fit_size, iter_frames, probe
+from pipeline.video import ClipEncoder, VideoError, encode_video, fit_size, iter_frames, probe, read_frames
 
 
 def test_encode_probe_decode_roundtrip(tmp_path):
@@ -64,3 +66,35 @@ def test_unopenable_file_raises_video_error(tmp_path):
     with pytest.raises(VideoError) as exc:
         probe(str(path))
     assert exc.value.reason == "not_a_video"
+
+
+def _moving_clip(frames: int, fps: float = 12) -> bytes:
+    encoder = ClipEncoder(64, 48, fps)
+    for i in range(frames):
+        image = np.zeros((48, 64, 3), np.uint8)
+        image[:, i % 64] = 255  # a bright column that moves one pixel per frame: every frame differs
+        image[..., 1] = 4 * i
+        encoder.add(image)
+    return encoder.finish()
+
+
+def test_clip_encoder_puts_a_keyframe_every_second():
+    container = av.open(io.BytesIO(_moving_clip(40, fps=12)))
+    stream = container.streams.video[0]
+    keyframes = sorted(p.pts * stream.time_base * 12 for p in container.demux(stream) if p.is_keyframe)
+    # x264 may add a keyframe at a scene cut, but never leaves more than a second without one.
+    assert keyframes[0] == 0 and len(keyframes) >= 4
+    assert max(b - a for a, b in zip(keyframes, keyframes[1:] + [40])) <= 12
+
+
+def test_read_frames_seeks_and_returns_exactly_the_asked_frames():
+    data = _moving_clip(40)
+    every = list(iter_frames(io.BytesIO(data)))
+    asked = [37, 29, 30, 31, 45]  # unordered, across keyframes, one past the end
+    got = read_frames(io.BytesIO(data), asked)
+    assert sorted(got) == [29, 30, 31, 37]
+    for i, frame in got.items():
+        assert np.array_equal(frame, every[i]), i
+    small = read_frames(io.BytesIO(data), [0, 1], size=(32, 24))
+    assert sorted(small) == [0, 1] and small[1].shape == (24, 32, 3)
+    assert read_frames(io.BytesIO(data), []) == {}
