@@ -255,13 +255,14 @@ def demo_data(out_dir, videos, seed):
     )
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-# The trainer's commands, `s2v train` and `s2v sample`: they import torch only when run.
+# Commands defined next to what they drive; their heavy imports happen only when they run.
+from pipeline.jobs import register as _register_jobs
 from trainer.cli import sample as _sample
 from trainer.cli import train as _train
 
-main.add_command(_train)
-main.add_command(_sample)
+_register_jobs(curate)  # s2v curate submit / status / stop / logs: Ray Jobs
+main.add_command(_train)  # s2v train
+main.add_command(_sample)  # s2v sample
+
+if __name__ == "__main__":
+    sys.exit(main())

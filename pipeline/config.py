@@ -338,6 +338,13 @@ class RayConfig(_Section):
     address: str | None = Field(None, description="existing cluster (ray://, auto, or host:port); null = local")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray; null = all")
     progress: bool = True
+    stage_timeout_s: float | None = Field(
+        900.0, gt=0, description="a stage call taking longer than this per record is cut off and recorded as a "
+                                 "`timeout` error for that record; null = no limit")
+    recycle_after: int | None = Field(
+        1000, ge=1, description="a worker process is replaced after this many batches, bounding slow leaks in "
+                                "native libraries; null = never")
+    summary_every_s: float = Field(30.0, gt=0, description="summary.json is refreshed this often during a run")
 
 
 class RunConfig(_Section):

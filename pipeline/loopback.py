@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ class LoopbackCluster:
     port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     members: list[Node] = field(default_factory=list)
+    temp_dir: str | None = None
 
     @property
     def address(self) -> str:
@@ -70,12 +72,14 @@ class LoopbackCluster:
 
     @staticmethod
     def client_env() -> dict[str, str]:
-        """Environment for processes that talk to the cluster (CLIs, drivers)."""
-        return {**os.environ, "RAY_AUTH_MODE": "token"}
+        """Environment for processes that talk to the cluster (CLIs, drivers), and for the nodes themselves.
+
+        This Python's bin directory goes first on PATH, as `ray_cluster.yaml` does for its venv: a Ray job's
+        entrypoint is a shell command run by the node, and `s2v curate submit` runs `s2v` there."""
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        return {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token"}
 
     def start(self) -> LoopbackCluster:
-        import tempfile
-
         self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="s2v-loopback-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -104,7 +108,10 @@ class LoopbackCluster:
             f"--metrics-export-port={metrics_port}", f"--dashboard-agent-listen-port={free_port()}",
         ]
         if head:
-            args += ["--head", f"--port={self.port}", f"--ray-client-server-port={free_port()}",
+            # A short temp dir of its own (Unix socket paths are limited to ~107 bytes) keeps this cluster out of
+            # the machine's /tmp/ray/ray_current_cluster record, which plain `ray.init()` would otherwise follow.
+            self.temp_dir = tempfile.mkdtemp(prefix="s2vray", dir="/tmp")
+            args += ["--head", f"--port={self.port}", f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}",
                      "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true"]
         else:
             args += [f"--address={self.address}"]
@@ -185,3 +192,30 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pipeline.loopback`: start a cluster, print how to reach it, keep it until Ctrl-C."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.loopback", description=main.__doc__)
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--cpus-per-node", type=int, default=1)
+    args = parser.parse_args(argv)
+    # SIGTERM (a `kill`, a CI runner) unwinds through the with block too, so the nodes are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with LoopbackCluster(nodes=args.nodes, cpus_per_node=args.cpus_per_node) as cluster:
+        print(f"loopback Ray cluster: {args.nodes} nodes x {args.cpus_per_node} CPU, logs in {cluster.log_dir}\n"
+              f"  ray.init / s2v curate run --address   {cluster.address}\n"
+              f"  dashboard and Ray Jobs (submit)       {cluster.dashboard_url}\n"
+              f"clients need `export RAY_AUTH_MODE=token` before they start. Ctrl-C stops the cluster.", flush=True)
+        try:
+            while all(node.alive for node in cluster.members):
+                time.sleep(1)
+            print("a node exited; stopping the cluster", file=sys.stderr)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -170,6 +170,14 @@ def write_outputs(out_dir: str | Path, state: LedgerState, transient_errors: lis
     )
     _atomic_write(out / "errors.parquet", lambda p: pq.write_table(errors_table, p))
 
-    summary = summarize(state, transient_errors)
-    _atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+    return write_summary(out, state, transient_errors)
+
+
+def write_summary(out_dir: str | Path, state: LedgerState, transient_errors: list[dict] | None = None,
+                  progress: dict | None = None) -> dict:
+    """summary.json alone: with `progress` while a run is going (status "running"), else the final one."""
+    summary = {"status": "running" if progress else "finished", **summarize(state, transient_errors)}
+    if progress:
+        summary["progress"] = progress
+    _atomic_write(Path(out_dir) / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
     return summary

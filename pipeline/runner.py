@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Self
 
 import yaml
 from rich.console import Console
@@ -21,10 +23,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipeline import __version__
 from pipeline.assemble import SourceCollector, assemble_source
 from pipeline.config import ConfigError, RunConfig
-from pipeline.inputs import list_inputs, load_metadata, source_records
 from pipeline.cross_pairs import build_cross_pairs
+from pipeline.inputs import list_inputs, load_metadata, source_records
 from pipeline.ledger import Ledger
-from pipeline.outputs import write_outputs
+from pipeline.outputs import write_outputs, write_summary
 from pipeline.record import Record, table_to_records
 from pipeline.shard_writer import ShardSink
 from pipeline.stage import Stage, limit_threads, named_actor_class, named_task_fn, run_stage
@@ -100,13 +102,13 @@ def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig)
     for group in groups:
         classes = [type(s) for s in group]
         res = [s.resources for s in group]
-        kwargs = dict(
-            batch_size=res[0].batch_size,
-            batch_format="pyarrow",
-            num_cpus=max(r.num_cpus for r in res),
-            num_gpus=max(r.num_gpus for r in res) or None,
-            memory=int(max(r.memory_gb for r in res) * 2**30) or None,
-        )
+        kwargs = {
+            "batch_size": res[0].batch_size,
+            "batch_format": "pyarrow",
+            "num_cpus": max(r.num_cpus for r in res),
+            "num_gpus": max(r.num_gpus for r in res) or None,
+            "memory": int(max(r.memory_gb for r in res) * 2**30) or None,
+        }
         if group[0].stateful:
             cpus = ray.available_resources().get("CPU", 2)
             # Leave a CPU for the decode tasks around the pool, or tasks upstream of it starve.
@@ -119,12 +121,13 @@ def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig)
             )
         else:
             ds = ds.map_batches(
-                named_task_fn(classes), fn_kwargs={"stage_classes": classes, "config_json": config_json}, **kwargs
+                named_task_fn(classes), fn_kwargs={"stage_classes": classes, "config_json": config_json},
+                max_calls=config.ray.recycle_after, **kwargs,  # a fresh worker process after this many batches
             )
     return ds
 
 
-def run_sequential(records: list[Record], stages: list[Stage]):
+def run_sequential(records: list[Record], stages: list[Stage], timeout_s: float | None = None):
     """The same flow in this process, one record at a time, on one core (for benchmarks and debugging)."""
     limit_threads(1)
     for stage in stages:
@@ -132,7 +135,7 @@ def run_sequential(records: list[Record], stages: list[Stage]):
     for record in records:
         batch = [record]
         for stage in stages:
-            batch = run_stage(stage, batch)
+            batch = run_stage(stage, batch, timeout_s)
         yield from batch
 
 
@@ -179,7 +182,7 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
     started_ray = False
     try:
         if sequential:
-            stream, cpus = run_sequential(records, stages), 1.0
+            stream, cpus = run_sequential(records, stages, config.ray.stage_timeout_s), 1.0
         else:
             import ray
 
@@ -222,28 +225,19 @@ def _commit_stream(stream, total: int, out: Path, config: RunConfig, ledger: Led
     collector = SourceCollector()
     seen_ids = set(state.sources)
     counts = {"sources": 0, "clips": 0, "samples": 0, "video_s": 0.0}
+    refresher = SummaryRefresher(out, ledger, run_id, total, counts, config.ray.summary_every_s)
     progress = Progress(
         TextColumn("[bold blue]sources"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[samples]} samples"), console=console, disable=not config.ray.progress,
     )
-    with progress:
+    with progress, refresher:
         task = progress.add_task("curate", total=total, samples=0)
         for record in stream:
             group = collector.add(record)
             if group is None:
                 continue
-            entry, samples = assemble_source(group, config.hash(), run_id)
-            if entry["source_id"] in seen_ids:
-                # Same bytes as a source already curated (a copy under another name): never write it twice.
-                ledger.append({"type": "duplicate", "path": entry["path"], "source_id": entry["source_id"],
-                               "size": entry["size"], "mtime_ns": entry["mtime_ns"], "run": run_id})
-            else:
-                seen_ids.add(entry["source_id"])
-                sink.add_source(entry, samples)
-                counts["sources"] += 1
-                counts["clips"] += len(entry["clips"])
-                counts["samples"] += len(samples)
-                counts["video_s"] += entry["duration_s"] or 0.0
+            with refresher.lock:  # the summary thread reads the ledger: never in the middle of a commit
+                _commit_source(group, config.hash(), sink, ledger, seen_ids, counts, run_id)
             progress.update(task, advance=1, samples=counts["samples"])
     sink.close()
     # Records that never came back (a worker died for good): the source stays uncommitted and the next run
@@ -254,3 +248,54 @@ def _commit_stream(stream, total: int, out: Path, config: RunConfig, ledger: Led
         for path, group in collector.incomplete().items()
     ]
     return counts, incomplete
+
+
+def _commit_source(group: list[Record], config_hash: str, sink: ShardSink, ledger: Ledger, seen_ids: set, counts: dict,
+                   run_id: str) -> None:
+    entry, samples = assemble_source(group, config_hash, run_id)
+    if entry["source_id"] in seen_ids:
+        # Same bytes as a source already curated (a copy under another name): never write it twice.
+        ledger.append({"type": "duplicate", "path": entry["path"], "source_id": entry["source_id"],
+                       "size": entry["size"], "mtime_ns": entry["mtime_ns"], "run": run_id})
+        return
+    seen_ids.add(entry["source_id"])
+    sink.add_source(entry, samples)
+    counts["sources"] += 1
+    counts["clips"] += len(entry["clips"])
+    counts["samples"] += len(samples)
+    counts["video_s"] += entry["duration_s"] or 0.0
+
+
+class SummaryRefresher:
+    """Rewrites summary.json every `every_s` seconds while a run streams (status "running" plus this run's
+    progress), so a watcher (`cat`, a dashboard, `s2v shards stats`) sees the run move without waiting for its end."""
+
+    def __init__(self, out: Path, ledger: Ledger, run_id: str, total: int, counts: dict, every_s: float):
+        self.out, self.ledger, self.run_id, self.total, self.counts, self.every_s = out, ledger, run_id, total, counts, every_s
+        self.lock = threading.Lock()
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="s2v-summary", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.write()
+
+    def write(self) -> None:
+        with self.lock:
+            elapsed = time.time() - self.started
+            progress = {"run": self.run_id, "updated": time.time(), "elapsed_s": round(elapsed, 1),
+                        "sources_total": self.total, **self.counts,
+                        "clips_per_s": round(self.counts["clips"] / elapsed, 4) if elapsed > 0 else 0.0}
+            try:
+                write_summary(self.out, self.ledger.read(), progress=progress)
+            except OSError as exc:  # a full disk must not kill the run that is writing the data
+                logging.getLogger(__name__).warning("could not refresh %s/summary.json: %s", self.out, exc)

@@ -6,6 +6,8 @@ untouched, and an unexpected exception is pinned on the record that caused it in
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 import traceback
 from typing import ClassVar
@@ -42,29 +44,78 @@ class Stage:
         raise NotImplementedError
 
 
-def run_stage(stage: Stage, records: list[Record]) -> list[Record]:
-    """Apply `stage` to the live records, isolating failures to the record that caused them."""
+class StageTimeout(Exception):
+    """A stage call ran past its deadline (`ray.stage_timeout_s` per record)."""
+
+
+def call_with_deadline(fn, seconds: float | None):
+    """fn(), or StageTimeout once `seconds` pass.
+
+    The call runs on a thread of its own (Ray Data runs actor calls on a pool thread anyway, where signals cannot
+    reach). A call that overruns is abandoned, not interrupted: nothing is torn down mid-way in native code, and a
+    call stuck in C is cut off as surely as one stuck in Python. The worker then replaces its process before its
+    next batch (StageWorker), so stuck calls cannot pile up; in a sequential run the thread lingers until exit."""
+    if not seconds:
+        return fn()
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller as it is
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name="s2v-stage-call", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        ABANDONED.append(worker)
+        raise StageTimeout(f"no result after {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+# Calls that timed out and may still be running: their process is replaced before its next batch.
+ABANDONED: list[threading.Thread] = []
+
+
+def run_stage(stage: Stage, records: list[Record], timeout_s: float | None = None) -> list[Record]:
+    """Apply `stage` to the live records, isolating failures and hangs to the record that caused them.
+
+    `timeout_s` is per record: a batch gets that much per live record. When a batch fails or times out, each record
+    is retried alone, so one bad or hanging input costs its own record only."""
     done = [r for r in records if not r.alive]
     live = [r for r in records if r.alive]
     if not live:
         return done
     start = time.perf_counter()
     try:
-        out = stage.process(live)
-    except Exception:
-        out = []
-        for record in live:
-            try:
-                out.extend(stage.process([record]))
-            except Exception as exc:
-                record.fail(stage.name, "exception", f"{type(exc).__name__}: {exc}")
-                record.meta.setdefault("tracebacks", {})[stage.name] = traceback.format_exc(limit=5)
-                out.append(record)
+        out = call_with_deadline(lambda: stage.process(live), timeout_s and timeout_s * len(live))
+    except Exception as exc:  # noqa: BLE001 - the safety net: any failure is pinned on its record
+        if len(live) == 1:
+            out = [_pin_failure(stage, live[0], exc)]
+        else:
+            out = []
+            for record in live:
+                try:
+                    out.extend(call_with_deadline(lambda r=record: stage.process([r]), timeout_s))
+                except Exception as single:  # noqa: BLE001
+                    out.append(_pin_failure(stage, record, single))
     per_record = (time.perf_counter() - start) / max(1, len(out))
     for record in out:
         timings = record.meta.setdefault("timings", {})
         timings[stage.name] = timings.get(stage.name, 0.0) + per_record
     return done + out
+
+
+def _pin_failure(stage: Stage, record: Record, exc: Exception) -> Record:
+    if isinstance(exc, StageTimeout):
+        record.fail(stage.name, "timeout", f"{stage.name} gave no result for this record: {exc} (ray.stage_timeout_s)")
+    else:
+        record.fail(stage.name, "exception", f"{type(exc).__name__}: {exc}")
+        record.meta.setdefault("tracebacks", {})[stage.name] = traceback.format_exc(limit=5)
+    return record
 
 
 def limit_threads(num_cpus: float) -> None:
@@ -80,18 +131,63 @@ class StageWorker:
     on each Arrow batch. Consecutive stateless stages share one worker, so a source is decoded, cut and
     checked in one task without moving data between processes."""
 
+    # Actor pools only: Ray recycles task workers itself (map_batches' max_calls).
+    recycle = False
+
     def __init__(self, stage_classes: list[type[Stage]], config_json: str):
         config = RunConfig.model_validate_json(config_json)
+        self.timeout_s = config.ray.stage_timeout_s
+        self.recycle_after = config.ray.recycle_after if self.recycle else None
+        self.calls = 0
         self.stages = [cls(config) for cls in stage_classes]
         limit_threads(max(s.resources.num_cpus for s in self.stages))
         for stage in self.stages:
             stage.setup()
+        self.metrics = StageMetrics.create()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if (self.recycle_after and self.calls >= self.recycle_after) or any(t.is_alive() for t in ABANDONED):
+            # Replace this process before taking more work: Ray restarts the actor (Ray Data sets max_restarts=-1)
+            # or retries the task, and resubmits this batch to the fresh process, so nothing is lost; leaks in
+            # native code and calls stuck past their deadline end with the process.
+            os._exit(0)
+        self.calls += 1
         records = table_to_records(batch)
         for stage in self.stages:
-            records = run_stage(stage, records)
+            stopped = {id(r) for r in records if not r.alive}
+            records = run_stage(stage, records, self.timeout_s)
+            if self.metrics:
+                self.metrics.count(stage.name, records, stopped)
         return records_to_table(records)
+
+
+class StageMetrics:
+    """Ray metrics (exported in Prometheus format by every node's metrics agent, `ray_` prefixed): records each
+    stage passed on and records it stopped, by reason. Stats for watching a run; decisions stay in the records."""
+
+    def __init__(self):
+        from ray.util.metrics import Counter
+
+        self.passed = Counter("s2v_records_passed", "records a stage passed on to the next", tag_keys=("stage", "kind"))
+        self.stopped = Counter("s2v_records_stopped", "records a stage dropped (a filter decision) or failed (an "
+                               "error), by reason", tag_keys=("stage", "kind", "outcome", "reason"))
+
+    @classmethod
+    def create(cls) -> StageMetrics | None:
+        import ray
+
+        return cls() if ray.is_initialized() else None
+
+    def count(self, stage: str, records: list[Record], stopped_before: set[int]) -> None:
+        passed: dict[str, int] = {}
+        for record in records:
+            if record.alive:
+                passed[record.kind] = passed.get(record.kind, 0) + 1
+            elif id(record) not in stopped_before:
+                outcome, reason = ("dropped", record.drop["reason"]) if record.drop else ("failed", record.errors[-1]["reason"])
+                self.stopped.inc(1, {"stage": stage, "kind": record.kind, "outcome": outcome, "reason": reason})
+        for kind, n in passed.items():
+            self.passed.inc(n, {"stage": stage, "kind": kind})
 
 
 _TASK_WORKERS: dict = {}
@@ -116,4 +212,4 @@ def named_task_fn(stage_classes: list[type[Stage]]):
 
 
 def named_actor_class(stage_classes: list[type[Stage]]) -> type[StageWorker]:
-    return type("+".join(cls.name for cls in stage_classes), (StageWorker,), {})
+    return type("+".join(cls.name for cls in stage_classes), (StageWorker,), {"recycle": True})

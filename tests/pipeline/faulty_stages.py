@@ -1,0 +1,60 @@
+"""Stages that misbehave on purpose, for the fault-tolerance tests. A record misbehaves when its source path
+contains the trigger word, so one batch can mix good and bad items."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pipeline.stage import Stage
+
+
+class Hang(Stage):
+    """Never returns for a record whose path contains 'hang' (a stuck decoder or model call)."""
+
+    name = "hang"
+
+    def process(self, records):
+        for record in records:
+            if "hang" in record.source_path:
+                time.sleep(3600)
+            record.meta["hang_ok"] = True
+        return records
+
+
+class HangActor(Hang):
+    name = "hang_actor"
+    stateful = True
+
+
+class RaisingModel(Stage):
+    """A model stage whose forward raises on one item of a batch (e.g. a shape it cannot take)."""
+
+    name = "raising_model"
+    stateful = True
+
+    def setup(self):
+        self.loaded = True
+
+    def process(self, records):
+        for record in records:
+            if "boom" in record.source_path:
+                raise RuntimeError(f"model cannot take {record.source_path}")
+            record.meta["model_ok"] = self.loaded
+        return records
+
+
+class Pid(Stage):
+    """Notes which worker process handled each record."""
+
+    name = "pid"
+
+    def process(self, records):
+        for record in records:
+            record.meta["pid"] = os.getpid()
+        return records
+
+
+class PidActor(Pid):
+    name = "pid_actor"
+    stateful = True

@@ -1,0 +1,162 @@
+"""What clusters do to jobs: stage calls that hang, models that raise on one item, worker processes that die, and
+workers recycled to bound leaks. The stages run on a real local Ray through the runner's own Ray Data plan."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline.config import RunConfig
+from pipeline.record import Record, table_to_records
+from pipeline.runner import build_dataset
+from pipeline import stage as stage_module
+from pipeline.stage import run_stage
+from tests.conftest import load_by_path
+
+faulty = load_by_path(Path(__file__).with_name("faulty_stages.py"))
+sys.modules.setdefault(faulty.__name__, faulty)
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def forget_abandoned_calls():
+    """Calls abandoned here (sleeping threads of this pytest process) must not make a later in-process
+    StageWorker replace its process: that is for Ray workers."""
+    yield
+    stage_module.ABANDONED.clear()
+
+
+def records(*names: str) -> list[Record]:
+    return [Record(kind="source", source_path=f"/videos/{name}.mp4", key=name) for name in names]
+
+
+def by_key(out: list[Record]) -> dict[str, Record]:
+    assert len({r.key for r in out}) == len(out), "a record came back twice"
+    return {r.key: r for r in out}
+
+
+def test_a_hanging_call_is_cut_off_and_only_its_record_fails():
+    stage = faulty.Hang(RunConfig())
+    start = time.monotonic()
+    out = by_key(run_stage(stage, records("a", "hang", "b"), timeout_s=0.5))
+    # The batch gets 3 x 0.5 s, then each record alone gets 0.5 s: the hang costs its own deadline only.
+    assert time.monotonic() - start < 10
+    assert out["hang"].errors == [{"stage": "hang", "reason": "timeout", "message": out["hang"].errors[0]["message"]}]
+    assert "ray.stage_timeout_s" in out["hang"].errors[0]["message"]
+    assert out["a"].alive and out["a"].meta["hang_ok"] and out["b"].alive
+
+
+def test_a_stage_catching_its_own_errors_cannot_keep_a_hung_record_alive():
+    class Swallower(faulty.Hang):
+        def process(self, records):
+            try:
+                return super().process(records)
+            except Exception:  # noqa: BLE001 - what a stage does with bad input; must not keep a hung record alive
+                return records
+
+    [record] = run_stage(Swallower(RunConfig()), records("hang"), timeout_s=0.3)
+    assert record.errors[0]["reason"] == "timeout"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.cloudpickle.register_pickle_by_value(faulty)  # workers cannot import a tests/ module by name
+    yield ray
+    ray.shutdown()
+
+
+def run_on_ray(stage_classes, names, **ray_settings) -> dict[str, Record]:
+    config = RunConfig.model_validate({"ray": {"progress": False, **ray_settings}})
+    stages = [cls(config) for cls in stage_classes]
+    ds = build_dataset(records(*names), stages, config)
+    return by_key([r for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow")
+                   for r in table_to_records(batch)])
+
+
+def test_on_ray_a_hang_in_a_task_or_an_actor_becomes_that_items_timeout(local_ray):
+    out = run_on_ray([faulty.Hang, faulty.HangActor], ["a", "hang", "b", "c"], stage_timeout_s=2)
+    assert set(out) == {"a", "hang", "b", "c"}
+    assert out["hang"].errors[0]["stage"] == "hang" and out["hang"].errors[0]["reason"] == "timeout"
+    assert all(out[k].alive and out[k].meta["hang_ok"] for k in "abc")
+    # The same hang past the task group, in an actor: a dead record is not retried, so plant it behind a good stage.
+    out = run_on_ray([faulty.Pid, faulty.HangActor], ["d", "hang2"], stage_timeout_s=2)
+    assert out["hang2"].errors[0]["stage"] == "hang_actor" and out["d"].alive
+
+
+def test_on_ray_a_model_raising_on_one_item_records_it_and_processes_the_rest(local_ray):
+    out = run_on_ray([faulty.RaisingModel], ["a", "boom", "b", "c"])
+    error = out["boom"].errors[0]
+    assert (error["stage"], error["reason"]) == ("raising_model", "exception")
+    assert "model cannot take /videos/boom.mp4" in error["message"]
+    assert "RuntimeError" in out["boom"].meta["tracebacks"]["raising_model"]
+    assert all(out[k].alive and out[k].meta["model_ok"] for k in "abc")
+
+
+def test_on_ray_workers_are_recycled_after_the_configured_batches(local_ray):
+    names = [f"v{i}" for i in range(8)]
+    for stage in (faulty.Pid, faulty.PidActor):  # a task worker (Ray's max_calls), an actor (exits, Ray restarts it)
+        out = run_on_ray([stage], names, recycle_after=2)
+        assert set(out) == set(names) and all(r.alive for r in out.values())
+        pids = [r.meta["pid"] for r in out.values()]
+        assert max(pids.count(p) for p in set(pids)) <= 2, (stage.name, pids)
+        assert len(set(pids)) >= 4
+
+
+def test_worker_process_killed_mid_job_gives_the_clean_runs_sample_set(curated_out, demo_corpus, u2netp_dir,
+                                                                        tmp_path):
+    """SIGKILL one Ray worker process while it runs a stage: Ray retries its batch elsewhere and the job ends with
+    exactly the samples of an undisturbed run (here the sequential fixture run: same settings, same samples)."""
+    out = tmp_path / "out"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "curate", "run", "--config", "configs/quickstart.yaml",
+         "--set", f"grounding.model.path={u2netp_dir}", "--input", str(demo_corpus / "videos"),
+         "--metadata", str(demo_corpus / "metadata.jsonl"), "--output", str(out),
+         "--set", "ray.progress=false", "--set", "ray.num_cpus=2"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    killed = kill_one_busy_worker(driver)
+    try:
+        log, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0, log[-3000:]
+    assert killed, "no worker was caught running a stage: the job ended first"
+    assert sample_set(out) == sample_set(curated_out)
+
+
+def kill_one_busy_worker(driver: subprocess.Popen, timeout_s: float = 300) -> list[str]:
+    """SIGKILL the first of the driver's Ray workers seen running a stage (Ray names the process after its task).
+    Only this driver's descendants are candidates: other Ray instances on the machine are left alone."""
+    deadline = time.monotonic() + timeout_s
+    root = psutil.Process(driver.pid)
+    while time.monotonic() < deadline and driver.poll() is None:
+        try:
+            for proc in root.children(recursive=True):
+                title = " ".join(proc.cmdline())
+                if title.startswith(("ray::MapBatches", "ray::MapWorker")):
+                    time.sleep(0.5)  # let it get into its batch
+                    proc.kill()
+                    return [title]
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    return []
+
+
+def sample_set(out: Path) -> dict[str, tuple]:
+    """Each sample's key with what defines it (clip span, references), minus run-specific fields."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    return {r["key"]: (r["start_s"], r["end_s"], r["num_frames"], r["subjects"], r["caption"]) for r in rows}
