@@ -309,16 +309,23 @@ class ReferencesConfig(_Section):
         return self
 
 
+# Face-embedding cosine at which each face backend's embeddings mean "the same person". dlib's own rule is a
+# euclidean distance < 0.6 between raw descriptors, whose norms are ~1.4, not 1: that is cosine ~0.91
+# (1 - 0.6^2 / (2 * 1.4^2)); two different people of the demo corpus measure 0.84. ArcFace (insightface,
+# unit-normalised 512-d) separates identities around 0.4-0.5.
+SAME_PERSON_COSINE = {"dlib": 0.91, "insightface": 0.45}
+
+
 class CrossPairsConfig(_Section):
     """Cross-paired samples (Kaleido): a committed sample's subjects swapped for the same identity from another clip,
     or pasted onto the clean background of an unrelated source, so a subject is not tied to its own clip's scene."""
 
     share: float = Field(0.4, ge=0, lt=1, description="cross / (own + cross) samples; 0.4 is the best point of "
                                                        "Kaleido's ablation (0/20/40/60/80 %); 0 = off")
-    min_face_similarity: float = Field(
-        0.8, ge=-1, le=1,
-        description="face-embedding cosine for 'same identity' across clips. dlib's 128-d match threshold "
-                    "(euclidean 0.6 on unit vectors) is cosine ~0.82; ArcFace (insightface) needs ~0.4-0.5",
+    min_face_similarity: float | None = Field(
+        None, ge=-1, le=1,
+        description="face-embedding cosine for 'same identity' across clips; null = the face backend's own rule "
+                    "(SAME_PERSON_COSINE: dlib 0.91, insightface 0.45)",
     )
     min_object_similarity: float = Field(
         0.9, ge=-1, le=1,
@@ -326,6 +333,44 @@ class CrossPairsConfig(_Section):
                     "clips (needs clip_score.model; without it objects are always composited)",
     )
     seed: int = Field(0, description="which samples are bases, which partner and which background each gets")
+
+
+class MetricsConfig(_Section):
+    """Data-quality metrics per sample, into KEY.json `stats.metrics` (OpenS2V-Nexus, Phantom-Data): each reference's
+    face against the clip's faces, CLIP-I / DINO-I, caption alignment and background decoupling. Stats only: the
+    flags mark samples, nothing is dropped."""
+
+    enabled: bool = True
+    face_copy_paste: float | None = Field(
+        None, ge=-1, le=1,
+        description="flag a reference whose mean face cosine with its entity's faces on the clip's other keyframes is "
+                    "above this (the reference is a near copy of the clip); null = the face backend's default "
+                    "(dlib 0.98, insightface 0.95)",
+    )
+    face_mismatch: float | None = Field(
+        None, ge=-1, le=1,
+        description="flag a reference whose mean face cosine is below this (another identity); null = the face "
+                    "backend's default (dlib 0.90: its own euclidean 0.6 rule; insightface 0.30)",
+    )
+    background_measure: Literal["auto", "hsv"] = Field(
+        "auto", description="auto: CLIP (clip_score.model) when configured, else HSV histogram correlation; hsv: always",
+    )
+    dino_model: ModelSpec | None = Field(None, description="DINOv2 directory for DINO-I (transformers); null = off")
+    resources: StageResources = Field(default_factory=StageResources)
+
+    @field_validator("dino_model", mode="before")
+    @classmethod
+    def _path_alone(cls, value):
+        # `metrics.dino_model: models/dinov2-small` reads as the model's path, like `{path: models/dinov2-small}`.
+        return {"path": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_order(self):
+        if (self.face_copy_paste is not None and self.face_mismatch is not None
+                and self.face_copy_paste <= self.face_mismatch):
+            raise ValueError(f"face_copy_paste ({self.face_copy_paste}) must be above face_mismatch "
+                             f"({self.face_mismatch})")
+        return self
 
 
 class OutputConfig(_Section):
@@ -365,8 +410,15 @@ class RunConfig(_Section):
     redux: ReduxConfig = Field(default_factory=ReduxConfig)
     background: BackgroundConfig = Field(default_factory=BackgroundConfig)
     cross_pairs: CrossPairsConfig = Field(default_factory=CrossPairsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _face_threshold_of_the_backend(self):
+        if self.cross_pairs.min_face_similarity is None:
+            self.cross_pairs.min_face_similarity = SAME_PERSON_COSINE[self.faces.backend]
+        return self
 
     @model_validator(mode="after")
     def _check_redux_share(self):

@@ -24,7 +24,9 @@ A post-pass over the committed own samples, run after every streaming pass (and 
 
 A cross sample is its base with references replaced: key `BASE-x`; KEY.mp4, KEY.bg.png, KEY.faces.npy and
 KEY.dmask*.png copied; KEY.ref{k}.png / KEY.mask{k}.png keep the base's names k; KEY.json is the base's with the
-new reference entries (each with `cross`) and a top-level `cross_pair` {"base", "kinds", "background_from"}.
+new reference entries (each with `cross`) and a top-level `cross_pair` {"base", "kinds", "background_from"}; its
+`stats.metrics` (stages/metrics.py) drops what was measured on a replaced reference, keeps the face identity where
+faces.npy allows recomputing it, and names the replaced files in `replaced`.
 A reference that can be neither swapped nor composited (no plate of another source) stays the base's, without
 `cross`; `kinds` counts only replaced ones. A rebuilt set numbers its shards on from the set it replaces, so old and
 new names never collide while both are on disk.
@@ -64,6 +66,15 @@ from pipeline.shard_writer import (
     publish_shard,
     sample_json,
     shard_number,
+)
+from stages.metrics import (
+    config_face_thresholds,
+    entity_face_cosine,
+    face_cosine,
+    face_flags,
+    face_row,
+    face_thresholds,
+    with_references,
 )
 
 CROSS_PREFIX = "cross"
@@ -425,7 +436,39 @@ def cross_key(base_key: str) -> str:
     return base_key + KEY_SUFFIX
 
 
-def _build_sample(out: Path, samples: list[OwnSample], plan: CrossPlan) -> dict:
+def cross_metrics(metrics: dict, plan: CrossPlan, samples: list[OwnSample], new_refs: dict[tuple[str, str], dict],
+                  embeddings: dict[str, np.ndarray], thresholds: dict[str, float]) -> dict:
+    """The base's KEY.json `stats.metrics` for its cross sample: a replaced reference is not the one measured, so its
+    entry is dropped, except the face identity, which faces.npy lets us recompute (the partner's face against the
+    base clip's faces of the entity for same_identity; for a composite the pasted subject is the base reference's
+    own, so its own face); summaries and flags follow from what remains, and `replaced` lists the files."""
+    base = samples[plan.base]
+    table = embeddings.get(base.key)
+    old = {r.get("file"): r for r in metrics.get("references") or []}
+    replaced = {}
+    for rep in plan.replacements:
+        ref = rep.base_ref
+        entry = new_refs[(ref["entity"], ref["file"])]
+        new = {"file": ref["file"], "entity": ref["entity"], "variant": entry.get("variant"), "cross": rep.kind}
+        if "face_cosine" in old.get(ref["file"], {}):  # a subject whose face identity was measured
+            if rep.kind == "same_identity":
+                partner = samples[rep.partner[0]]
+                ptable = embeddings.get(partner.key)
+                row = face_row(partner.faces, entry.get("detection"), ptable)
+                # The partner's face comes from another clip: every keyframe of the base is another view.
+                cosine = None if row is None else entity_face_cosine(ptable[row], ref["entity"], base.faces, table,
+                                                                     None)
+            else:
+                cosine = face_cosine(ref, base.faces, table)
+            new["face_cosine"] = cosine
+            new.update(face_flags(cosine, thresholds))
+        replaced[ref["file"]] = new
+    references = [replaced.get(r.get("file"), r) for r in metrics.get("references") or []]
+    return {**with_references(metrics, references), "replaced": sorted(replaced)}
+
+
+def _build_sample(out: Path, samples: list[OwnSample], plan: CrossPlan, embeddings: dict[str, np.ndarray] | None = None,
+                  thresholds: dict[str, float] | None = None) -> dict:
     base = samples[plan.base]
     meta = json.loads(read_member(out, base, "json"))
     sample: dict = {"__key__": cross_key(base.key)}
@@ -465,6 +508,10 @@ def _build_sample(out: Path, samples: list[OwnSample], plan: CrossPlan) -> dict:
     for entity in meta.get("entities", []):
         if entity.get("references"):
             entity["references"] = [new_refs.get((r["entity"], r["file"]), r) for r in entity["references"]]
+    metrics = (meta.get("stats") or {}).get("metrics")
+    if isinstance(metrics, dict) and "references" in metrics:
+        meta["stats"]["metrics"] = cross_metrics(metrics, plan, samples, new_refs, embeddings or {},
+                                                 thresholds or face_thresholds(None, None, "dlib"))
     meta["key"] = sample["__key__"]
     meta["cross_pair"] = {
         "base": base.key,
@@ -547,7 +594,7 @@ def build_cross_pairs(out_dir: str | Path, config: RunConfig, ledger: Ledger, st
         writer = _CrossShardWriter(out, config, start)
         try:
             for plan in sorted(plans, key=lambda p: samples[p.base].key):
-                sample = _build_sample(out, samples, plan)
+                sample = _build_sample(out, samples, plan, embeddings, config_face_thresholds(config))
                 shard = writer.write(sample)
                 rows.append({"key": sample["__key__"], "shard": shard, "base": samples[plan.base].key,
                              "kinds": plan.kinds()})

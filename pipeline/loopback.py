@@ -55,6 +55,9 @@ class LoopbackCluster:
     object_store_mb: int = 300
     log_dir: Path | None = None
     start_timeout_s: float = 90.0
+    # Node i runs on core i only (its raylet, workers and all): "a node" then means one core's worth of compute,
+    # so a benchmark can compare one node with two on a small machine. `cpus_per_node` stays Ray's logical count.
+    pin_cores: bool = False
     port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     members: list[Node] = field(default_factory=list)
@@ -120,6 +123,8 @@ class LoopbackCluster:
             # A session of its own: stop() signals the whole group, i.e. this node's raylet, GCS and workers only.
             process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.client_env(),
                                        start_new_session=True)
+        if self.pin_cores:  # before `ray start` gets to spawn anything: its children inherit the affinity
+            os.sched_setaffinity(process.pid, {index % os.cpu_count()})
         node = Node(index, process, log, metrics_port)
         self.members.append(node)
         if head:
@@ -172,6 +177,30 @@ class LoopbackCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def kill_busy_worker(root_pids: list[int], timeout_s: float = 300.0, settle_s: float = 0.5) -> str | None:
+    """SIGKILL the first Ray worker process seen running a stage (Ray titles a worker after its task:
+    `ray::MapBatches(...)` for tasks, `ray::MapWorker(...)` for Ray Data actors) among the descendants of
+    `root_pids` (a driver with its embedded Ray, or loopback nodes), so no other Ray on the machine is touched.
+    Returns the killed process's title, or None when none was seen before the roots exited or `timeout_s`."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    roots = [psutil.Process(pid) for pid in root_pids]
+    while time.monotonic() < deadline and any(r.is_running() for r in roots):
+        for root in roots:
+            try:
+                for proc in root.children(recursive=True):
+                    title = " ".join(proc.cmdline())
+                    if title.startswith(("ray::MapBatches", "ray::MapWorker")):
+                        time.sleep(settle_s)  # let it get into its batch
+                        proc.kill()
+                        return title
+            except psutil.Error:
+                continue
+        time.sleep(0.1)
+    return None
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

@@ -314,19 +314,37 @@ def throughput_figure(tp: dict, names: dict[str, str]) -> str:
     return _png(fig)
 
 
-def metrics_figure(numbers: dict, flags: dict[str, tuple[int, int]]) -> str:
-    panels = len(numbers) + (1 if flags else 0)
+# Per-sample summaries of stages/metrics.py are the per-reference values again, reduced: tabled, not plotted.
+SUMMARY_PREFIX = "summary."
+
+
+def _metric_lines(name: str, limits: dict) -> list[tuple[float | None, str]]:
+    """Threshold lines for a metric histogram: the face flags' limits on the face cosine."""
+    if name.split(".")[-1] != "face_cosine":
+        return []
+    return [(limits.get(key), f"metrics.{key} = {limits.get(key)}") for key in ("face_copy_paste", "face_mismatch")]
+
+
+def metrics_figure(numbers: dict, flags: dict[str, tuple[int, int]], limits: dict | None = None,
+                   samples_flagged: dict[str, tuple[int, int]] | None = None) -> str:
+    """A histogram per metric (per-reference entries pooled; per-sample summaries left to the table) with the face
+    flags' thresholds, and the share of entries (and of samples) each flag marks."""
+    plotted = {k: v for k, v in numbers.items() if not k.startswith(SUMMARY_PREFIX)} or numbers
+    samples_flagged = samples_flagged or {}
+    bars = {**{name: share for name, share in flags.items()},
+            **{f"samples: {name}": share for name, share in samples_flagged.items()}}
+    panels = len(plotted) + (1 if bars else 0)
     cols = min(3, panels)
     rows = -(-panels // cols)
     fig, axes = _figure(cols, rows, width=12, height=2.9)
-    for ax, (name, values) in zip(axes, numbers.items()):
-        _hist(ax, {name: values}, name, "value")
-    if flags:
-        ax = axes[len(numbers)]
-        names = list(flags)
-        ax.barh(names, [100 * true / of for true, of in flags.values()], color=REJECTED)
+    for ax, (name, values) in zip(axes, plotted.items()):
+        _hist(ax, {name: values}, name, "value", _metric_lines(name, limits or {}))
+    if bars:
+        ax = axes[len(plotted)]
+        names = list(bars)
+        ax.barh(names, [100 * true / of if of else 0 for true, of in bars.values()], color=REJECTED)
         ax.set_xlabel("% flagged", fontsize=9)
-        ax.set_title("flags", fontsize=10)
+        ax.set_title("flags (of measured references; of samples)", fontsize=10)
         ax.tick_params(axis="y", labelsize=8)
     for ax in axes[panels:]:
         ax.set_visible(False)
@@ -467,13 +485,20 @@ def write_report(out_dirs: list, html_path: str | Path) -> Path:
     ]
     numbers, flags = facts.metric_values()
     if numbers or flags:
+        flagged = facts.flagged_samples()
         stats = [[k, len(v), _f(min(v), ".3f"), _f(float(np.mean(v)), ".3f"), _f(max(v), ".3f")]
                  for k, v in numbers.items()]
         stats += [[f"{k} (flag)", of, "", f"{true} true", ""] for k, (true, of) in flags.items()]
+        stats += [[f"samples flagged {k}", of, "", f"{true}", ""] for k, (true, of) in flagged.items()]
         parts.append(_section("metrics", "Data-quality metrics",
                               "Per-sample metrics stored in KEY.json stats.metrics (pooled over references where "
-                              "a sample has several), and the share of those entries each true/false flag marks.",
-                              _img(metrics_figure(numbers, flags), "metrics")
+                              "a sample has several; the per-sample summaries are in the table only), and the "
+                              "share of those entries each true/false flag marks. Face cosine: the reference's face "
+                              "against its entity's faces on the clip's other keyframes, with the copy-paste "
+                              "(above) and identity-mismatch (below) thresholds; CLIP-I / DINO-I: the reference "
+                              "crop against the other keyframes; background similarity: the reference's "
+                              "background against the clip's plate (low = decoupled). See docs/inspecting.md.",
+                              _img(metrics_figure(numbers, flags, limits.get("metrics"), flagged), "metrics")
                               + _table(["metric", "n", "min", "mean", "max"], stats)))
     present = [s for s in SECTIONS if s != "metrics" or numbers or flags]
     nav = "<nav>" + "".join(f'<a href="#{s}">{_e(s)}</a>' for s in present) + "</nav>"

@@ -26,6 +26,7 @@ from pipeline.cross_pairs import own_sample_shards
 from pipeline.ledger import LEDGER_NAME, SHARD_DIR, Ledger, LedgerState
 from pipeline.outputs import STAGE_ORDER, summarize
 from pipeline.shard_writer import TMP_SUFFIX
+from stages.metrics import face_thresholds
 
 VARIANTS = ("crop", "segment", "inpaint", "redux")
 TOP_N = 10  # rows of the terminal's category and attribute tables
@@ -62,6 +63,8 @@ class SampleFacts:
         self.detections: dict[str, tuple[array, array]] = {n: (array("d"), array("b")) for n in INSTANCE_STATS}
         self.metrics: dict[str, array] = defaultdict(lambda: array("d"))
         self.flags: Counter = Counter()  # (name, True | False) -> samples' entries with that value
+        self.metric_samples = 0  # samples with stats.metrics
+        self.flagged: Counter = Counter()  # flag name -> samples whose stats.metrics "flags" list names it
 
     def add(self, meta: dict) -> None:
         self.samples += 1
@@ -97,6 +100,9 @@ class SampleFacts:
         metrics = (meta.get("stats") or {}).get("metrics")
         if metrics:
             self._flatten(metrics, "")
+            self.metric_samples += 1
+            flags = metrics.get("flags") if isinstance(metrics, dict) else None
+            self.flagged.update({name for name in flags or [] if isinstance(name, str)})
 
     def _flatten(self, node, prefix: str) -> None:
         """Every number under its dotted path, every true/false flag; lists (per-reference entries) pooled under
@@ -128,6 +134,8 @@ class SampleFacts:
             self.detections[name][1].extend(valid)
         for name, values in other.metrics.items():
             self.metrics[name].extend(values)
+        self.metric_samples += other.metric_samples
+        self.flagged.update(other.flagged)
         return self
 
     def metric_values(self) -> tuple[dict[str, array], dict[str, tuple[int, int]]]:
@@ -136,6 +144,10 @@ class SampleFacts:
         names = sorted({name for name, _ in self.flags})
         flags = {n: (self.flags[(n, True)], self.flags[(n, True)] + self.flags[(n, False)]) for n in names}
         return dict(sorted(self.metrics.items())), flags
+
+    def flagged_samples(self) -> dict[str, tuple[int, int]]:
+        """{flag: (samples whose stats.metrics "flags" list names it, samples with stats.metrics)}."""
+        return {name: (n, self.metric_samples) for name, n in sorted(self.flagged.items())}
 
 
 @dataclass
@@ -263,8 +275,13 @@ def thresholds(config: dict) -> dict:
     """The thresholds the plots draw: filters.quality, filters.instances and faces, from config.yaml."""
     filters = config.get("filters") or {}
     faces = config.get("faces") or {}
+    metrics = config.get("metrics") or {}
     return {"quality": dict(filters.get("quality") or {}), "instances": dict(filters.get("instances") or {}),
-            "faces": {k: faces.get(k) for k in ("min_score", "min_face_px", "max_yaw", "max_pitch")}}
+            "faces": {k: faces.get(k) for k in ("min_score", "min_face_px", "max_yaw", "max_pitch")},
+            # The face flags' limits in force: the configured ones, else the face backend's defaults.
+            "metrics": {f"face_{k}": v for k, v in face_thresholds(metrics.get("face_copy_paste"),
+                                                                   metrics.get("face_mismatch"),
+                                                                   faces.get("backend") or "dlib").items()}}
 
 
 def configured_ratio(config: dict) -> dict[str, float]:
@@ -335,7 +352,8 @@ def _sample_level(summary: dict, rows: list[dict], facts: SampleFacts) -> None:
                         "pitch": _describe(faces["pitch"])}
     numbers, flags = facts.metric_values()
     summary["metrics"] = {"values": {k: _describe(v) for k, v in numbers.items()},
-                          "flags": {k: {"true": t, "of": n} for k, (t, n) in flags.items()}}
+                          "flags": {k: {"true": t, "of": n} for k, (t, n) in flags.items()},
+                          "samples_flagged": {k: {"true": t, "of": n} for k, (t, n) in facts.flagged_samples().items()}}
 
 
 def summarize_run(run: RunData) -> dict:
@@ -625,8 +643,12 @@ def _print_faces_and_metrics(summary: dict, console: Console) -> None:
             table.add_column(column, justify="left" if column == "metric" else "right")
         for name, d in metrics["values"].items():
             table.add_row(name, str(d["count"]), _fmt(d["min"], ".3f"), _fmt(d["mean"], ".3f"), _fmt(d["max"], ".3f"))
+        # Flags: how many of the measured entries (references) each marks, then how many samples carry it.
         for name, f in metrics["flags"].items():
-            table.add_row(f"{name} (flag)", str(f["of"]), "", f"{f['true']} true", "")
+            table.add_row(f"{name} (flag)", str(f["of"]), "", f"{f['true']} true ({_pct(f['true'] / f['of'])})", "")
+        for name, f in (metrics.get("samples_flagged") or {}).items():
+            table.add_row(f"samples flagged {name}", str(f["of"]), "",
+                          f"{f['true']} ({_pct(f['true'] / f['of'])})", "")
         console.print(table)
 
 

@@ -64,6 +64,10 @@ def build_flow(config) -> list[type]:
 
             flow.append(Reduxer)
         flow.append(Inpainter)
+        if config.metrics.enabled:
+            from stages.metrics import SampleMetrics
+
+            flow.append(SampleMetrics)  # last: it reads the finished references, plate and every stage's stats
     return flow
 
 
@@ -106,6 +110,11 @@ def preflight(config) -> None:
                 mobile_sam_checkpoint()
         except ModelUnavailable as exc:
             problems.append(str(exc))
+    if config.grounding.model is not None and config.metrics.enabled and config.metrics.dino_model is not None:
+        try:
+            resolve_model_dir(config.metrics.dino_model, "metrics.dino_model")
+        except ModelUnavailable as exc:
+            problems.append(str(exc))
     try:
         Taxonomy.load(config.entities.taxonomy)
     except (OSError, ValueError, yaml.YAMLError) as exc:
@@ -140,6 +149,13 @@ def describe_flow(config) -> dict:
             substitutes["inpainting"] = "OpenCV Telea fill on CPU (instead of FLUX.1-Fill)"
         if not config.redux.enabled():
             off.append("references.redux")  # no FLUX Redux models: its share of the mix goes to the others
+        if config.metrics.enabled:
+            if config.clip_score.model is None or config.metrics.background_measure == "hsv":
+                substitutes["metrics"] = "background decoupling by HSV histogram correlation (instead of CLIP)"
+            if config.metrics.dino_model is None:
+                off.append("metrics.dino_i")  # no DINOv2 model: CLIP-I (with clip_score) and faces still measure
+        else:
+            off.append("metrics")
     if not config.faces.enabled:
         off.append("faces")
     return {"stages": [cls.name for cls in build_flow(config)], "substitutes": substitutes, "off": off}

@@ -174,8 +174,8 @@ def test_summary_funnel_adds_up(curated):
     assert run["clips_per_s"] > 0 and run["video_hours_per_day_per_core"] > 0 and run["cpus"] == 2
     # The quickstart says which design models it replaced with offline substitutes, and which stages were off.
     assert set(run["flow"]["substitutes"]) == {"caption", "entities", "grounding", "segmentation", "faces",
-                                               "inpainting"}
-    assert run["flow"]["off"] == ["clip_score", "references.redux"]
+                                               "inpainting", "metrics"}
+    assert run["flow"]["off"] == ["clip_score", "references.redux", "metrics.dino_i"]
 
 
 def test_rerun_skips_committed_sources_and_duplicates_nothing(curated, inputs, demo_corpus, quickstart):

@@ -5,6 +5,7 @@ masks cut from skimage photos, unit face embeddings with faces.npy rows aligned 
 mp4 members are placeholder bytes: the pass copies them unchanged and never decodes them.
 """
 
+import io
 import json
 import shutil
 import tarfile
@@ -30,6 +31,7 @@ from pipeline.cross_pairs import (
 )
 from pipeline.ledger import Ledger
 from pipeline.shard_writer import ShardSink, image_png, mask_png, npy_bytes, sample_json
+from stages.metrics import face_flags, face_thresholds, with_references
 
 CLIPS_PER_SOURCE = 5
 DIM = 128
@@ -450,3 +452,81 @@ def _renamed(source: int, category: str):
         sample["__key__"] = sample["__key__"].replace(old, new)
         renamed.append(sample)
     return entry, renamed
+
+
+def with_metrics(source: int):
+    """A source whose KEY.json carries stats.metrics as stages/metrics.py writes them, with a second face of the
+    subject (keyframe 0) so that its identity has another view to be measured against."""
+    entry, samples = source_entry_and_samples(source)
+    thresholds = face_thresholds(None, None, "dlib")
+    for sample in samples:
+        key = sample["__key__"]
+        meta = json.loads(sample["json"])
+        meta["faces"].append({"detection": "d5", "entity": "e0", "keyframe": 0, "box": [12, 5, 32, 25], "score": 0.9,
+                              "frontal": True})
+        table = np.load(io.BytesIO(sample["faces.npy"]))
+        table = np.vstack([table, embedding(identity_of(source, int(key.split("-")[1]) // 100), key + "kf0")])
+        references = []
+        for entity in meta["entities"]:
+            for ref in entity.get("references") or []:
+                measured = {"file": ref["file"], "entity": entity["id"], "variant": ref["variant"], "clip_i": 0.7,
+                            "background_similarity": 0.9}
+                if entity["kind"] == "subject":
+                    measured["face_cosine"] = round(float(table[1] @ table[2]), 4)
+                    measured.update(face_flags(measured["face_cosine"], thresholds))
+                references.append(measured)
+        meta["stats"] = {"metrics": with_references({"backends": {"face": "dlib", "background": "hsv"},
+                                                     "caption_alignment": 0.3}, references)}
+        sample["json"] = sample_json(meta)
+        sample["faces.npy"] = npy_bytes(table)
+    return entry, samples
+
+
+def test_a_replaced_reference_loses_its_metrics_but_its_face_is_measured_again(tmp_path):
+    ledger = Ledger(tmp_path)
+    sink = ShardSink(tmp_path, OutputConfig(), ledger, ledger.recover())
+    for source in range(8):
+        sink.add_source(*with_metrics(source))
+    sink.close()
+    run_pass(tmp_path, config(share=0.5))
+    own = own_samples(tmp_path)
+    tables = {key: np.load(io.BytesIO(s["faces.npy"])) for key, s in own.items()}
+    seen = Counter()
+    for sample in cross_samples(tmp_path).values():
+        meta = json.loads(sample["json"])
+        base = meta["cross_pair"]["base"]
+        before = {r["file"]: r for r in json.loads(own[base]["json"])["stats"]["metrics"]["references"]}
+        metrics = meta["stats"]["metrics"]
+        refs = {r["file"]: r for e in meta["entities"] for r in e.get("references") or []}
+        replaced = sorted(f for f, r in refs.items() if "cross" in r)
+        assert metrics["replaced"] == replaced and replaced
+        assert metrics["caption_alignment"] == 0.3 and metrics["backends"] == {"face": "dlib", "background": "hsv"}
+        for measured in metrics["references"]:
+            ref = refs[measured["file"]]
+            if measured["file"] not in replaced:
+                assert measured == before[measured["file"]]
+                continue
+            kind = ref["cross"]["kind"]
+            seen[kind] += 1
+            # What was measured on the base's own reference is gone ...
+            assert measured["cross"] == kind and "clip_i" not in measured and "background_similarity" not in measured
+            if measured["entity"] != "e0":
+                assert "face_cosine" not in measured
+                continue
+            # ... but faces.npy holds the face of the new reference and the clip's: its identity is measured again,
+            # the partner's face (another clip) against every face of the subject in the base clip.
+            table = tables[base]
+            if kind == "same_identity":
+                face = tables[ref["cross"]["from_key"]][1]
+                expected = float(np.mean(table[[1, 2]] @ face))
+            else:  # a composite pastes the base's own subject: its face, against the clip's other keyframe
+                expected = float(table[1] @ table[2])
+            assert measured["face_cosine"] == pytest.approx(expected, abs=1e-4)
+            assert measured["face_copy_paste"] == (measured["face_cosine"] > 0.98)
+        cosines = [r["face_cosine"] for r in metrics["references"] if r.get("face_cosine") is not None]
+        assert metrics["summary"].get("face_cosine_mean") == (pytest.approx(np.mean(cosines), abs=1e-4)
+                                                              if cosines else None)
+        kept = [r["background_similarity"] for r in metrics["references"] if "background_similarity" in r]
+        assert metrics["summary"].get("background_similarity_mean") == (0.9 if kept else None)
+        assert metrics["flags"] == sorted({k for r in metrics["references"] for k, v in r.items() if v is True})
+    assert seen["same_identity"] > 0 and seen["composite"] > 0

@@ -10,13 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
+from pipeline import stage as stage_module
 from pipeline.config import RunConfig
+from pipeline.loopback import kill_busy_worker
 from pipeline.record import Record, table_to_records
 from pipeline.runner import build_dataset
-from pipeline import stage as stage_module
 from pipeline.stage import run_stage
 from tests.conftest import load_by_path
 
@@ -124,7 +124,7 @@ def test_worker_process_killed_mid_job_gives_the_clean_runs_sample_set(curated_o
          "--set", "ray.progress=false", "--set", "ray.num_cpus=2"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
-    killed = kill_one_busy_worker(driver)
+    killed = kill_busy_worker([driver.pid])
     try:
         log, _ = driver.communicate(timeout=600)
     finally:
@@ -133,25 +133,6 @@ def test_worker_process_killed_mid_job_gives_the_clean_runs_sample_set(curated_o
     assert driver.returncode == 0, log[-3000:]
     assert killed, "no worker was caught running a stage: the job ended first"
     assert sample_set(out) == sample_set(curated_out)
-
-
-def kill_one_busy_worker(driver: subprocess.Popen, timeout_s: float = 300) -> list[str]:
-    """SIGKILL the first of the driver's Ray workers seen running a stage (Ray names the process after its task).
-    Only this driver's descendants are candidates: other Ray instances on the machine are left alone."""
-    deadline = time.monotonic() + timeout_s
-    root = psutil.Process(driver.pid)
-    while time.monotonic() < deadline and driver.poll() is None:
-        try:
-            for proc in root.children(recursive=True):
-                title = " ".join(proc.cmdline())
-                if title.startswith(("ray::MapBatches", "ray::MapWorker")):
-                    time.sleep(0.5)  # let it get into its batch
-                    proc.kill()
-                    return [title]
-        except psutil.Error:
-            pass
-        time.sleep(0.1)
-    return []
 
 
 def sample_set(out: Path) -> dict[str, tuple]:

@@ -19,7 +19,7 @@ def test_model_stages_compose_on_ray(tiny_model_dirs, demo_corpus, tmp_path):
     # Metadata captions win over the (gibberish) VLM captions, so taxonomy entities exist and grounding,
     # segmentation, faces and CLIP all get work. The VLM entity path has its own tests: random weights never
     # write valid entity JSON, so with it every clip would (rightly) stop at "entities_malformed".
-    small = "{num_cpus: 0.25, batch_size: 4, workers: 1}"  # the model actors must fit beside the decode tasks
+    small = "{num_cpus: 0.2, batch_size: 4, workers: 1}"  # the five model actors must leave a CPU to the decode tasks
     config = build_config({}, [
         f"caption.model.path={tiny_model_dirs['qwen']}", "caption.max_new_tokens=8", "caption.max_pixels=12544",
         f"caption.resources={small}",
@@ -27,6 +27,7 @@ def test_model_stages_compose_on_ray(tiny_model_dirs, demo_corpus, tmp_path):
         f"grounding.resources={small}",
         f"segmentation.model.path={tiny_model_dirs['sam']}", f"segmentation.resources={small}",
         f"clip_score.model.path={tiny_model_dirs['clip']}", f"clip_score.resources={small}",
+        f"metrics.resources={small}",
         "shots.max_clip_s=4.0", "clips.max_short_side=120", "ray.progress=false", "ray.num_cpus=2",
         # Random boxes would rarely pass real thresholds; these let every object instance through, so the
         # consolidation, reference and inpainting stages get work (their decisions have their own tests).
@@ -41,8 +42,9 @@ def test_model_stages_compose_on_ray(tiny_model_dirs, demo_corpus, tmp_path):
     flow = summary["last_run"]["flow"]
     assert flow["stages"] == ["probe", "shot_cut", "clip_extract", "quality_stats", "quality_filter", "caption",
                               "entities", "grounding", "segmentation", "faces", "clip_score", "instance_stats",
-                              "instance_filter", "consolidation", "references", "inpainting"]
-    assert flow["off"] == ["references.redux"] and set(flow["substitutes"]) == {"entities", "faces", "inpainting"}
+                              "instance_filter", "consolidation", "references", "inpainting", "metrics"]
+    assert flow["off"] == ["references.redux", "metrics.dino_i"]
+    assert set(flow["substitutes"]) == {"entities", "faces", "inpainting"}
     removed = {reason for step in summary["funnel"] for reason in step["removed"]}
     assert removed <= {"too_dark", "blurry", "no_valid_entity"}, summary["funnel"]
     index = json.loads((out / "index.json").read_text())
@@ -63,5 +65,11 @@ def test_model_stages_compose_on_ray(tiny_model_dirs, demo_corpus, tmp_path):
         references = [r for e in meta["entities"] for r in e.get("references", [])]
         assert references and all(r["file"] in sample and r["mask"] in sample for r in references)
         assert "bg.png" in sample and meta["background"]["backend"] == "opencv-telea"
+        # Data-quality metrics with CLIP: CLIP-I from clip_score's embeddings, the background measured by CLIP.
+        metrics = meta["stats"]["metrics"]
+        clip = f"open_clip {tiny_model_dirs['clip']}"
+        assert metrics["backends"]["background"] == metrics["backends"]["clip_i"] == clip
+        assert [m["file"] for m in metrics["references"]] == [r["file"] for r in references]
+        assert abs(metrics["caption_alignment"] - meta["stats"]["clip"]["caption_alignment"]) < 1e-4
         detections += len(meta["detections"])
     assert detections > 0  # threshold 0: every grounded word yields boxes, and each got a mask

@@ -73,8 +73,9 @@ def test_report_on_a_curated_run(curated_out, curated_report):
     pictures = check_page(page, with_metrics=has_metrics(curated_out))
     overview = page.split('<section id="overview">')[1].split("</section>")[0]
     assert f"<td>{curated_out}</td>" in overview and f"<td>{stats['samples']}</td>" in overview
-    # The thresholds are drawn (dashed red) on the filter histograms, and the kept data in blue around them.
-    for alt in ("quality filter", "instance filter", "faces"):
+    # The thresholds are drawn (dashed red) on the filter histograms and on the data-quality metrics' face cosine
+    # (the face flags' limits), and the data in blue around them.
+    for alt in ("quality filter", "instance filter", "faces", "metrics"):
         assert share_near(pictures[alt], rgb(THRESHOLD["color"]), tolerance=40) > 0.001, alt
         assert share_near(pictures[alt], rgb(VALID)) > 0.005, alt
     for step in stats["funnel"]:

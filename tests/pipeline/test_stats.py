@@ -40,7 +40,8 @@ def write_config(out: Path, ratio=None, share=0.4) -> RunConfig:
 def metrics_of(n: int) -> dict:
     """A plausible stats.metrics: per-reference entries with flags, plus plain numbers and a string."""
     return {"face": [{"cosine": 0.5 + 0.01 * n, "copy_paste": n % 4 == 0, "identity_mismatch": False}],
-            "clip_i": 0.3, "background": {"similarity": 0.2 + 0.001 * n, "model": "tiny"}}
+            "clip_i": 0.3, "background": {"similarity": 0.2 + 0.001 * n, "model": "tiny"},
+            "flags": ["copy_paste"] if n % 4 == 0 else []}
 
 
 def enrich(meta: dict, n: int, metrics: bool) -> dict:
@@ -147,10 +148,45 @@ def test_stats_of_a_curated_run_agree_with_its_shards_and_manifest(curated_out):
 
     text = terminal(stats)
     for title in ("Funnel", "Reference variants", "configured ratio", "Counts per sample", "Top categories",
-                  "Throughput", "Clip durations"):
+                  "Throughput", "Clip durations", "Data-quality metrics", "references.background_similarity"):
         assert title in text, title
     top = next(iter(content["categories"]))
     assert top in text
+
+
+def test_a_curated_run_writes_data_quality_metrics_for_every_reference(curated_out):
+    """The quickstart recipe (dlib faces, no CLIP) measures face identity and background decoupling per
+    reference into KEY.json stats.metrics, and the statistics pool them."""
+    index = json.loads((curated_out / "index.json").read_text())
+    samples = [json.loads(s["json"]) for s in wds.WebDataset([str(curated_out / s["url"]) for s in index["shardlist"]],
+                                                             shardshuffle=False)]
+    own = [m for m in samples if "cross_pair" not in m]
+    measured = Counter()
+    for meta in samples:
+        metrics = meta["stats"]["metrics"]
+        refs = [r for e in meta["entities"] for r in e.get("references") or []]
+        assert [r["file"] for r in metrics["references"]] == [r["file"] for r in refs]
+        assert metrics["backends"] == {"face": "dlib ResNet face descriptor (128-d)", "clip_i": None,
+                                       "dino_i": None, "background": "hsv-histogram-correlation"}
+        assert "caption_alignment" not in metrics  # no clip_score.model in the quickstart
+        assert ("replaced" in metrics) == ("cross_pair" in meta)
+        subjects = {e["id"] for e in meta["entities"] if e["kind"] == "subject"}
+        for entry in metrics["references"]:
+            assert ("face_cosine" in entry) == (entry["entity"] in subjects)
+            if entry.get("cross"):
+                continue
+            assert -1 <= entry["background_similarity"] <= 1
+            measured["background"] += 1
+            if entry.get("face_cosine") is not None:
+                measured["face"] += 1
+                assert entry["face_copy_paste"] == (entry["face_cosine"] > 0.98)
+        assert metrics["flags"] == sorted({k for r in metrics["references"] for k, v in r.items() if v is True})
+    assert measured["background"] > 0 and measured["face"] > 0
+    stats = shard_stats(curated_out)["metrics"]
+    assert stats["values"]["references.background_similarity"]["count"] == sum(
+        1 for m in own for r in m["stats"]["metrics"]["references"])
+    flagged = sum(1 for m in own if "face_copy_paste" in m["stats"]["metrics"]["flags"])
+    assert stats["samples_flagged"].get("face_copy_paste", {"true": 0})["true"] == flagged
 
 
 def test_partial_run_counts_only_committed_shards(tmp_path):
@@ -247,10 +283,13 @@ def test_data_quality_metrics_of_any_layout_are_pooled(tmp_path):
     stats = shard_stats(out)
     assert stats["metrics"]["flags"]["face.copy_paste"] == {"true": 3, "of": 10}
     assert stats["metrics"]["values"]["clip_i"]["mean"] == pytest.approx(0.3)
-    assert "Data-quality metrics" in terminal(stats)
+    # The samples' "flags" lists: how many samples carry each flag, of the samples with metrics.
+    assert stats["metrics"]["samples_flagged"] == {"copy_paste": {"true": 3, "of": 10}}
+    text = terminal(stats)
+    assert "Data-quality metrics" in text and "samples flagged copy_paste" in text and "3 (30.0 %)" in text
     # Without metrics in KEY.json: nothing to show and no table.
     plain = shard_stats(synthetic_run(tmp_path / "p", range(1)))
-    assert plain["metrics"] == {"values": {}, "flags": {}}
+    assert plain["metrics"] == {"values": {}, "flags": {}, "samples_flagged": {}}
     assert "Data-quality metrics" not in terminal(plain)
 
 
