@@ -192,8 +192,9 @@ def kill_busy_worker(root_pids: list[int], timeout_s: float = 300.0, settle_s: f
         for root in roots:
             try:
                 for proc in root.children(recursive=True):
-                    title = " ".join(proc.cmdline())
-                    if title.startswith(("ray::MapBatches", "ray::MapWorker")):
+                    title = " ".join(proc.cmdline()).strip()
+                    # Not an actor still in its constructor (loading models): a worker in the middle of a batch.
+                    if title.startswith(("ray::MapBatches", "ray::MapWorker")) and not title.endswith("__init__"):
                         time.sleep(settle_s)  # let it get into its batch
                         proc.kill()
                         return title
