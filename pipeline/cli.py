@@ -28,12 +28,13 @@ def _user_errors(fn):
         from pipeline.config import ConfigError
         from pipeline.contact_sheet import ContactSheetError
         from pipeline.inputs import InputError
+        from pipeline.names import UnsafeName
         from pipeline.stats import StatsError
         from pipeline.video import VideoError
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, ContactSheetError, InputError, StatsError) as exc:
+        except (ConfigError, ContactSheetError, InputError, StatsError, UnsafeName) as exc:
             raise UserError(str(exc)) from None
         except VideoError as exc:
             raise UserError(exc.message) from None

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.names import UnsafeName, check_key, shard_path
 from pipeline.shard_writer import read_shard_samples
 from pipeline.video import VideoError, iter_frames
 
@@ -90,6 +91,10 @@ def find_sample(out_dir: str | Path, key: str) -> Sample:
     """The sample `key` (or the one key that starts with it) from the shards index.json lists. Reads tar headers,
     then only that sample's members; manifest.parquet, when present, says which shard to open first."""
     out = Path(out_dir)
+    try:
+        check_key(key, "s2v shards show")
+    except UnsafeName as exc:
+        raise ContactSheetError(str(exc)) from None
     index_path = out / "index.json"
     if not index_path.is_file():
         raise ContactSheetError(f"{out}: no index.json (not a finished `s2v curate run` output; a run still going "
@@ -99,7 +104,7 @@ def find_sample(out_dir: str | Path, key: str) -> Sample:
     order = ([hint] if hint in shards else []) + [s for s in shards if s != hint]
     seen: dict[str, str] = {}
     for shard in order:
-        members = _shard_members(out / shard)
+        members = _shard_members(out, shard)
         for name in members:
             seen.setdefault(name.partition(".")[0], shard)
         if key in seen:
@@ -123,7 +128,11 @@ def _manifest_shard(out: Path, key: str) -> str | None:
     return table.column("shard")[0].as_py() if table.num_rows else None
 
 
-def _shard_members(path: Path) -> list[str]:
+def _shard_members(out: Path, shard: str) -> list[str]:
+    try:
+        path = shard_path(out, shard)
+    except UnsafeName as exc:
+        raise ContactSheetError(f"index.json: {exc}") from None
     if not path.is_file():
         return []
     try:
@@ -134,7 +143,10 @@ def _shard_members(path: Path) -> list[str]:
 
 
 def _read_sample(out: Path, shard: str, key: str) -> Sample:
-    parts = read_shard_samples(out / shard, {key}).get(key, {})
+    try:
+        parts = read_shard_samples(shard_path(out, shard), {key}).get(key, {})
+    except UnsafeName as exc:
+        raise ContactSheetError(str(exc)) from None
     parts.pop("__key__", None)
     if "json" not in parts:
         raise ContactSheetError(f"{shard}: sample {key} has no KEY.json")

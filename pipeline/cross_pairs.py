@@ -58,6 +58,7 @@ import webdataset as wds
 
 from pipeline.config import ConfigError, CrossPairsConfig, RunConfig
 from pipeline.ledger import SHARD_DIR, Ledger, LedgerState
+from pipeline.names import shard_path, split_member
 from pipeline.shard_writer import (
     TMP_SUFFIX,
     file_sha256,
@@ -170,7 +171,7 @@ def own_digest(keys, cfg: CrossPairsConfig) -> str:
 
 def read_member(out: Path, sample: OwnSample, ext: str) -> bytes:
     offset, size = sample.members[ext]
-    with open(out / sample.shard, "rb") as f:
+    with open(shard_path(out, sample.shard), "rb") as f:
         f.seek(offset)
         return f.read(size)
 
@@ -184,11 +185,11 @@ def index_own_samples(out: Path, state: LedgerState
     embeddings: dict[str, np.ndarray] = {}
     crops: dict[str, np.ndarray] = {}
     for shard in sorted(set(own.values())):
-        with tarfile.open(out / shard, "r:") as tar:
+        with tarfile.open(shard_path(out, shard), "r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
-                key, _, ext = member.name.partition(".")
+                key, ext = split_member(member.name, shard)
                 if own.get(key) != shard:
                     continue
                 sample = samples.get(key)
@@ -577,7 +578,7 @@ def build_cross_pairs(out_dir: str | Path, config: RunConfig, ledger: Ledger, st
     digest = own_digest(own, cfg)
     current = state.cross
     if (current and current.get("own_digest") == digest
-            and all((out / s["shard"]).is_file() for s in current["shards"])):
+            and all(shard_path(out, s["shard"]).is_file() for s in current["shards"])):
         return None
 
     if cfg.share > 0:
@@ -625,7 +626,7 @@ def build_cross_pairs(out_dir: str | Path, config: RunConfig, ledger: Ledger, st
     names = {s["shard"] for s in shards}
     for old in superseded:
         if old["shard"] not in names:
-            (out / old["shard"]).unlink(missing_ok=True)
+            shard_path(out, old["shard"]).unlink(missing_ok=True)
     result = {k: v for k, v in entry.items() if k != "samples"}
     if console is not None:
         note = f" ({info['note']})" if info.get("note") else f" ({info['reason']})" if info.get("reason") else ""

@@ -25,6 +25,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.names import shard_path
+
 LEDGER_NAME = "ledger.jsonl"
 SHARD_DIR = "shards"
 
@@ -104,7 +106,7 @@ class Ledger:
         orphaned = [name for name, e in state.shards.items() if not committed_keys.intersection(e["keys"])]
         for name in orphaned:
             # Only a source larger than one shard leaves such shards behind: its last shard never committed.
-            (self.out_dir / name).unlink(missing_ok=True)
+            shard_path(self.out_dir, name).unlink(missing_ok=True)  # a ledger line never deletes outside shards/
             del state.shards[name]
         if shard_dir.is_dir():
             # Cross shards named by no current cross line are debris too: written before a crash kept their line

@@ -29,6 +29,7 @@ from pipeline.assemble import reference_counts
 from pipeline.config import ConfigError, RunConfig, build_config, parse_override
 from pipeline.cross_pairs import build_cross_pairs
 from pipeline.ledger import Ledger, LedgerState
+from pipeline.names import shard_path
 from pipeline.outputs import write_outputs
 from pipeline.shard_writer import ShardSink, read_shard_samples, sample_json
 from stages.instances import decide_instances
@@ -130,7 +131,7 @@ def refilter(src_dir: str | Path, dst_dir: str | Path, overrides: list[str], con
     buffered: dict[str, dict] = {}
     # Shards in commit order; a shard's line names the sources it completes, so memory holds about one shard.
     for shard, shard_entry in state.shards.items():
-        buffered.update(read_shard_samples(src / shard))
+        buffered.update(read_shard_samples(shard_path(src, shard)))
         for source in shard_entry.get("sources", []):
             kept += _refilter_source(source, buffered, config, sink, dropped)
             done.add(source["source_id"])

@@ -20,6 +20,7 @@ import webdataset as wds
 
 from pipeline.config import OutputConfig
 from pipeline.ledger import SHARD_DIR, Ledger, LedgerState
+from pipeline.names import split_member
 
 TMP_SUFFIX = ".tmp"
 
@@ -124,12 +125,15 @@ class ShardSink:
 
 def read_shard_samples(path: str | Path, keys: set[str] | None = None) -> dict[str, dict]:
     """key -> {"__key__", ext: bytes} of the samples in one of our tars (all, or only `keys`), in tar order. Members
-    of other samples are skipped by their headers, so picking one sample out of a big shard reads only its bytes."""
+    of other samples are skipped by their headers, so picking one sample out of a big shard reads only its bytes.
+    A member whose name is not a plain KEY.PART (a path, "..") raises UnsafeName: such a tar is not one of ours."""
     samples: dict[str, dict] = {}
     with tarfile.open(path, "r:") as tar:
         for member in tar:
-            key, _, ext = member.name.partition(".")
-            if member.isfile() and (keys is None or key in keys):
+            if not member.isfile():
+                continue
+            key, ext = split_member(member.name, str(path))
+            if keys is None or key in keys:
                 samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
     return samples
 

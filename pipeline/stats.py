@@ -24,6 +24,7 @@ from rich.table import Table
 
 from pipeline.cross_pairs import own_sample_shards
 from pipeline.ledger import LEDGER_NAME, SHARD_DIR, Ledger, LedgerState
+from pipeline.names import shard_path
 from pipeline.outputs import STAGE_ORDER, summarize
 from pipeline.shard_writer import TMP_SUFFIX
 from stages.metrics import face_thresholds
@@ -202,7 +203,7 @@ def read_samples(out: Path, state: LedgerState, facts: SampleFacts) -> list[str]
     read = 0
     for shard in sorted(set(wanted.values())):
         try:
-            with tarfile.open(out / shard, "r:") as tar:
+            with tarfile.open(shard_path(out, shard), "r:") as tar:
                 for member in tar:
                     key, _, ext = member.name.partition(".")
                     if ext == "json" and member.isfile() and wanted.get(key) == shard:

@@ -1,14 +1,16 @@
 """`s2v shards verify`: prove that an output directory is what its index, manifest and ledger say it is.
 
 Per shard listed in index.json (own and cross-pair shards alike):
+- its url is `shards/NAME.tar` (any other is reported and never opened: pipeline/names.py);
 - the file exists, its size and sha256 match index.json;
 - its tar structure is whole: every member's data lies inside the file and the end-of-archive blocks are there (a
   tar cut at a member boundary reads "fine" as a shorter archive, so the readers alone do not catch it);
 - upstream webdataset reads it end to end (its own tar expander and key grouping, fed the file through a hashing
   reader so each shard is read once), with the sample count index.json gives.
-Per sample: KEY.mp4 and KEY.json; KEY.json parses and names its own key; every file it names is there (references'
-`file` and `mask`, `background.file`), KEY.faces.npy exactly when it lists faces (one row per face), and
-KEY.dmask{i}.png for every detection when segmentation ran; no other members; no key twice in the run.
+Per sample: a plain key and plain member names (no path separators, no '..'); KEY.mp4 and KEY.json; KEY.json
+parses and names its own key; every file it names is there (references' `file` and `mask`, `background.file`),
+KEY.faces.npy exactly when it lists faces (one row per face), and KEY.dmask{i}.png for every detection when
+segmentation ran; no other members; no key twice in the run.
 Across files: manifest.parquet has exactly the shards' keys, each row naming the shard the sample is in; the
 ledger's shard entries and its current cross-pair entry agree with index.json (nsamples, bytes, sha256, keys);
 index.json's total is the sum of its shards.
@@ -37,6 +39,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.cross_pairs import CROSS_PREFIX, KEY_SUFFIX
 from pipeline.ledger import LEDGER_NAME, SHARD_DIR, Ledger
+from pipeline.names import UnsafeName, check_key, check_part, shard_path
 from pipeline.shard_writer import TMP_SUFFIX
 
 BLOCK = 512  # tar block size
@@ -137,9 +140,16 @@ def verify_output(out_dir: str | Path, console: Console | None = None) -> Verifi
             url = entry.get("url")
             progress.update(task, shard=url or "")
             if url and url not in contents:
+                try:
+                    path = shard_path(out, url)
+                except UnsafeName as exc:  # never open a path index.json could point anywhere
+                    problems.append(Problem("bad_index", str(exc), shard=str(url)))
+                    contents[url] = _ShardContent(readable=False)
+                    progress.advance(task)
+                    continue
                 contents[url] = _check_shard(out, entry, problems)
                 result.shards += 1
-                result.bytes += (out / url).stat().st_size if (out / url).is_file() else 0
+                result.bytes += path.stat().st_size if path.is_file() else 0
             progress.advance(task)
 
     where = _check_duplicates(contents, problems)
@@ -289,6 +299,12 @@ def _check_sample(url: str, sample: dict) -> list[Problem]:
     def problem(what: str, detail: str) -> Problem:
         return Problem(what, detail, shard=url, key=key)
 
+    try:
+        check_key(key)
+        for ext in parts:
+            check_part(ext)
+    except UnsafeName as exc:  # a member named like a path: report it, read nothing more of the sample
+        return [problem("unsafe_name", str(exc))]
     found = [problem("missing_part", f"no KEY.{ext}") for ext in ("mp4", "json") if ext not in parts]
     if "mp4" in parts and parts["mp4"][4:8] != b"ftyp":
         found.append(problem("bad_part", "KEY.mp4 does not start with an MP4 ftyp box"))

@@ -52,6 +52,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.names import UnsafeName, check_key, shard_path
 from pipeline.video import read_frames
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def resolve_shards(spec: str | Path | list) -> list[str]:
         path = path / "index.json"
     if path.is_file() and path.name == "index.json":
         index = json.loads(path.read_text())
-        return [str(path.parent / entry["url"]) for entry in index["shardlist"]]
+        return [str(shard_path(path.parent, entry["url"])) for entry in index["shardlist"]]
     if path.is_dir():
         tars = sorted(path.glob("*.tar")) or sorted((path / "shards").glob("*.tar"))
         if not tars:
@@ -233,6 +234,8 @@ def plan_references(meta: dict, members: set[str], cfg: DataConfig) -> tuple[lis
     refs = []
     for e in entities:
         for ref in e.get("references") or []:
+            if not isinstance(ref["file"], str) or not _REF_MEMBER.fullmatch(ref["file"]):
+                raise SampleError(f"KEY.json names reference {ref['file']!r}, not ref<N>.png; refusing the sample")
             if ref["file"] not in members:
                 raise SampleError(f"KEY.json names {ref['file']}, which the shard does not hold")
             kind = KINDS[e.get("kind", "object")]
@@ -251,6 +254,10 @@ def plan_references(meta: dict, members: set[str], cfg: DataConfig) -> tuple[lis
 
 
 def plan_sample(sample: dict, cfg: DataConfig, rng: random.Random) -> SamplePlan:
+    try:  # the key becomes the embedding-cache file name (cache_key): a key from a tar path ("../x") stops here
+        check_key(sample.get("__key__"))
+    except UnsafeName as exc:
+        raise SampleError(str(exc)) from None
     if "json" not in sample or "mp4" not in sample:
         raise SampleError(f"missing {'KEY.json' if 'json' not in sample else 'KEY.mp4'}")
     try:

@@ -98,7 +98,7 @@ def test_shards_read_back_with_upstream_webdataset(curated):
 
 
 def test_samples_are_complete_s2v_samples(curated):
-    """References of several variants with their masks, a background plate, and every file KEY.json names."""
+    """References with their masks, a background plate, and every file KEY.json names."""
     import cv2
 
     variants = set()
@@ -116,7 +116,9 @@ def test_samples_are_complete_s2v_samples(curated):
                 assert image.shape[:2] == mask.shape and image.shape[2] == (4 if ref["variant"] == "segment" else 3)
                 assert ref["source_clip"] == meta["clip_id"] and entity["instances"]
                 variants.add(ref["variant"])
-    assert len(variants) >= 2
+    # Which variants two references draw depends on their keys (the demo's bytes): the mix itself is checked on
+    # 200 clips in tests/stages/test_consolidation.py; here every drawn variant must be a real one.
+    assert variants and variants <= {"crop", "segment", "inpaint"}
     summary = json.loads((curated / "summary.json").read_text())
     assert set(summary["references"]["variants"]) == variants and summary["instances"]["valid"] > 0
     table = s2v("shards", "stats", str(curated)).stdout
