@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,7 +31,25 @@ def forget_abandoned_calls():
     """Calls abandoned here (sleeping threads of this pytest process) must not make a later in-process
     StageWorker replace its process: that is for Ray workers."""
     yield
+    RELEASE.set()  # let the calls abandoned in this process end rather than linger until exit
+    for thread in stage_module.ABANDONED:
+        thread.join(timeout=10)
     stage_module.ABANDONED.clear()
+    RELEASE.clear()
+
+
+RELEASE = threading.Event()
+
+
+class Stuck(faulty.Hang):
+    """Hang, in-process: stuck until the test ends (Ray tests use faulty.Hang, which workers get by value)."""
+
+    def process(self, records):
+        for record in records:
+            if "hang" in record.source_path:
+                RELEASE.wait(3600)
+            record.meta["hang_ok"] = True
+        return records
 
 
 def records(*names: str) -> list[Record]:
@@ -43,7 +62,7 @@ def by_key(out: list[Record]) -> dict[str, Record]:
 
 
 def test_a_hanging_call_is_cut_off_and_only_its_record_fails():
-    stage = faulty.Hang(RunConfig())
+    stage = Stuck(RunConfig())
     start = time.monotonic()
     out = by_key(run_stage(stage, records("a", "hang", "b"), timeout_s=0.5))
     # The batch gets 3 x 0.5 s, then each record alone gets 0.5 s: the hang costs its own deadline only.
@@ -54,7 +73,7 @@ def test_a_hanging_call_is_cut_off_and_only_its_record_fails():
 
 
 def test_a_stage_catching_its_own_errors_cannot_keep_a_hung_record_alive():
-    class Swallower(faulty.Hang):
+    class Swallower(Stuck):
         def process(self, records):
             try:
                 return super().process(records)
