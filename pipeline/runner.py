@@ -226,6 +226,7 @@ def _commit_stream(stream, total: int, out: Path, config: RunConfig, ledger: Led
     seen_ids = set(state.sources)
     counts = {"sources": 0, "clips": 0, "samples": 0, "video_s": 0.0}
     refresher = SummaryRefresher(out, ledger, run_id, total, counts, config.ray.summary_every_s)
+    config_hash = config.hash()
     progress = Progress(
         TextColumn("[bold blue]sources"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[samples]} samples"), console=console, disable=not config.ray.progress,
@@ -237,7 +238,7 @@ def _commit_stream(stream, total: int, out: Path, config: RunConfig, ledger: Led
             if group is None:
                 continue
             with refresher.lock:  # the summary thread reads the ledger: never in the middle of a commit
-                _commit_source(group, config.hash(), sink, ledger, seen_ids, counts, run_id)
+                _commit_source(group, config_hash, sink, ledger, seen_ids, counts, run_id)
             progress.update(task, advance=1, samples=counts["samples"])
     sink.close()
     # Records that never came back (a worker died for good): the source stays uncommitted and the next run

@@ -154,7 +154,7 @@ class StageWorker:
         self.calls += 1
         records = table_to_records(batch)
         for stage in self.stages:
-            stopped = {id(r) for r in records if not r.alive}
+            stopped = {id(r) for r in records if not r.alive} if self.metrics else set()
             records = run_stage(stage, records, self.timeout_s)
             if self.metrics:
                 self.metrics.count(stage.name, records, stopped)
