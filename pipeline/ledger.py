@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from pipeline.names import shard_path
 
 LEDGER_NAME = "ledger.jsonl"
 SHARD_DIR = "shards"
+# Kept samples of sources still arriving (pipeline/assemble.py): scratch, never part of the output.
+SPOOL_DIR = ".spool"
 
 
 @dataclass
@@ -116,6 +119,7 @@ class Ledger:
                 rel = f"{SHARD_DIR}/{path.name}"
                 if rel not in state.shards and rel not in cross:
                     path.unlink()
+        shutil.rmtree(self.out_dir / SPOOL_DIR, ignore_errors=True)  # sources a crash left half-arrived
         if orphaned or self._has_torn_line():
             self._rewrite(set(orphaned))
         return state

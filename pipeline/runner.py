@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -21,15 +22,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline import __version__
-from pipeline.assemble import SourceCollector, assemble_source
+from pipeline.assemble import SourceAssembly, SourceCollector
 from pipeline.config import ConfigError, RunConfig
 from pipeline.cross_pairs import build_cross_pairs
 from pipeline.inputs import list_inputs, load_metadata, source_records
-from pipeline.ledger import Ledger
+from pipeline.ledger import SPOOL_DIR, Ledger
 from pipeline.outputs import write_outputs, write_summary
 from pipeline.record import Record, table_to_records
 from pipeline.shard_writer import ShardSink
-from pipeline.stage import Stage, limit_threads, named_actor_class, named_task_fn, run_stage
+from pipeline.stage import Stage, limit_threads, named_actor_class, named_task_fn, run_stages
 
 
 def _check_config(out: Path, config: RunConfig) -> None:
@@ -88,6 +89,9 @@ def fuse(stages: list[Stage]) -> list[list[Stage]]:
     return groups
 
 
+BLOCK_BYTES = 1 << 20  # a clip record carries its mp4 and keyframes: a few MB at 360p
+
+
 def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig):
     """The Ray Data plan: one block per source, then one map_batches per stage group with its resources."""
     import ray
@@ -97,7 +101,12 @@ def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig)
     # A single operator needs no per-operator reservation; with it on, Ray Data starts one task and waits to learn
     # output sizes before starting the next, which idles a small machine for seconds. Several operators (model
     # actor pools) keep it, so no operator can starve the others. Set every time: the context is per process.
-    ray.data.DataContext.get_current().op_resource_reservation_enabled = len(groups) > 1
+    context = ray.data.DataContext.get_current()
+    context.op_resource_reservation_enabled = len(groups) > 1
+    # Workers yield a table per clip (StageWorker); a block target below one clip's size ships each as its own
+    # block, so the clips of one long source spread over the model actors instead of queueing at one, and no
+    # worker buffers up to Ray's default 128 MiB of them first.
+    context.target_max_block_size = BLOCK_BYTES
     ds = ray.data.from_items([r.to_row() for r in records], override_num_blocks=max(1, len(records)))
     for group in groups:
         classes = [type(s) for s in group]
@@ -133,10 +142,8 @@ def run_sequential(records: list[Record], stages: list[Stage], timeout_s: float 
     for stage in stages:
         stage.setup()
     for record in records:
-        batch = [record]
-        for stage in stages:
-            batch = run_stage(stage, batch, timeout_s)
-        yield from batch
+        for batch in run_stages(stages, [record], timeout_s):
+            yield from batch
 
 
 def curate(config: RunConfig, out_dir: str | Path, console: Console | None = None, sequential: bool = False) -> dict:
@@ -222,11 +229,10 @@ def _commit_stream(stream, total: int, out: Path, config: RunConfig, ledger: Led
                    console: Console) -> tuple[dict, list[dict]]:
     """Group finished records by source and commit each whole source through the shard writer."""
     sink = ShardSink(out, config.output, ledger, state)
-    collector = SourceCollector()
+    collector = SourceCollector(out / SPOOL_DIR, config.hash())
     seen_ids = set(state.sources)
     counts = {"sources": 0, "clips": 0, "samples": 0, "video_s": 0.0}
     refresher = SummaryRefresher(out, ledger, run_id, total, counts, config.ray.summary_every_s)
-    config_hash = config.hash()
     progress = Progress(
         TextColumn("[bold blue]sources"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[samples]} samples"), console=console, disable=not config.ray.progress,
@@ -234,33 +240,39 @@ def _commit_stream(stream, total: int, out: Path, config: RunConfig, ledger: Led
     with progress, refresher:
         task = progress.add_task("curate", total=total, samples=0)
         for record in stream:
-            group = collector.add(record)
-            if group is None:
+            assembly = collector.add(record)
+            if assembly is None:
                 continue
             with refresher.lock:  # the summary thread reads the ledger: never in the middle of a commit
-                _commit_source(group, config_hash, sink, ledger, seen_ids, counts, run_id)
+                _commit_source(assembly, sink, ledger, seen_ids, counts, run_id)
             progress.update(task, advance=1, samples=counts["samples"])
     sink.close()
     # Records that never came back (a worker died for good): the source stays uncommitted and the next run
     # redoes it. Say so rather than lose it silently.
     incomplete = [
         {"source": path, "stage": "runner", "reason": "incomplete",
-         "message": f"{len(group)} of {group[0].clips_planned} clips came back; rerun to retry"}
-        for path, group in collector.incomplete().items()
+         "message": f"{assembly.arrived} of {assembly.planned} clips came back; rerun to retry"}
+        for path, assembly in collector.incomplete().items()
     ]
+    for assembly in collector.incomplete().values():
+        assembly.samples.discard()
+    shutil.rmtree(out / SPOOL_DIR, ignore_errors=True)
     return counts, incomplete
 
 
-def _commit_source(group: list[Record], config_hash: str, sink: ShardSink, ledger: Ledger, seen_ids: set, counts: dict,
+def _commit_source(assembly: SourceAssembly, sink: ShardSink, ledger: Ledger, seen_ids: set, counts: dict,
                    run_id: str) -> None:
-    entry, samples = assemble_source(group, config_hash, run_id)
-    if entry["source_id"] in seen_ids:
-        # Same bytes as a source already curated (a copy under another name): never write it twice.
-        ledger.append({"type": "duplicate", "path": entry["path"], "source_id": entry["source_id"],
-                       "size": entry["size"], "mtime_ns": entry["mtime_ns"], "run": run_id})
-        return
-    seen_ids.add(entry["source_id"])
-    sink.add_source(entry, samples)
+    entry, samples = assembly.entry(run_id), assembly.samples
+    try:
+        if entry["source_id"] in seen_ids:
+            # Same bytes as a source already curated (a copy under another name): never write it twice.
+            ledger.append({"type": "duplicate", "path": entry["path"], "source_id": entry["source_id"],
+                           "size": entry["size"], "mtime_ns": entry["mtime_ns"], "run": run_id})
+            return
+        seen_ids.add(entry["source_id"])
+        sink.add_source(entry, samples)
+    finally:
+        samples.discard()
     counts["sources"] += 1
     counts["clips"] += len(entry["clips"])
     counts["samples"] += len(samples)

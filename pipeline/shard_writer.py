@@ -13,6 +13,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -78,13 +79,17 @@ class ShardSink:
             )
         return self._writer
 
-    def add_source(self, entry: dict, samples: list[dict]) -> None:
-        """Write a source's samples ({"__key__", ext: bytes}); its ledger entry follows its last shard's."""
-        if not samples:
+    def add_source(self, entry: dict, samples: Iterable[dict]) -> None:
+        """Write a source's samples ({"__key__", ext: bytes}); its ledger entry follows its last shard's. `samples`
+        may be any sized iterable (the runner's are read back from disk one at a time); one with an `nbytes`
+        attribute saves reading them twice."""
+        if not len(samples):
             self.ledger.append(entry)
             return
         writer = self._open()
-        nbytes = sum(len(v) for s in samples for k, v in s.items() if k != "__key__")
+        nbytes = getattr(samples, "nbytes", None)
+        if nbytes is None:
+            nbytes = sum(len(v) for s in samples for k, v in s.items() if k != "__key__")
         if writer.count and (
             writer.count + len(samples) > self.cfg.shard_max_samples or writer.size + nbytes > self.cfg.shard_max_mb * 1e6
         ):

@@ -10,6 +10,7 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from typing import ClassVar
 
 import pyarrow as pa
@@ -40,8 +41,25 @@ class Stage:
         """Load models and other per-worker state. Called once per worker before the first batch."""
 
     def process(self, records: list[Record]) -> list[Record]:
-        """Transform live records; may return more records than given (fan-out). Must not raise for bad input."""
+        """Transform live records. Must not raise for bad input."""
         raise NotImplementedError
+
+
+class FanOutStage(Stage):
+    """A stage that turns one record into several (a source into its clips) and finishes them one at a time.
+
+    `split` plans the parts (cheap, no content); `stream` fills them in and yields each as soon as it is done.
+    The runner passes each part through the rest of the flow before the next one is finished, so a worker holds
+    one part at a time, not a whole source's worth, and the parts spread over the workers downstream."""
+
+    def split(self, record: Record) -> list[Record]:
+        raise NotImplementedError
+
+    def stream(self, record: Record, parts: list[Record]) -> Iterator[Record]:
+        raise NotImplementedError
+
+    def process(self, records: list[Record]) -> list[Record]:
+        return [part for record in records for part in self.stream(record, self.split(record))]
 
 
 class StageTimeout(Exception):
@@ -118,6 +136,60 @@ def _pin_failure(stage: Stage, record: Record, exc: Exception) -> Record:
     return record
 
 
+def fan_out(stage: FanOutStage, record: Record, timeout_s: float | None = None) -> Iterator[Record]:
+    """The parts of one record, each yielded as `stage` finishes it (a dead record passes through as it is).
+
+    Every planned part comes out: when the stream raises or a part overruns `timeout_s`, the parts not yet
+    finished carry that failure, so the source can still be accounted for clip by clip."""
+    if not record.alive:
+        yield record
+        return
+    try:
+        parts = call_with_deadline(lambda: stage.split(record), timeout_s)
+    except Exception as exc:  # noqa: BLE001 - the safety net, as in run_stage
+        yield _pin_failure(stage, record, exc)
+        return
+    pending = {id(part): part for part in parts}
+    stream = stage.stream(record, parts)
+    while pending:
+        start = time.perf_counter()
+        try:
+            part = call_with_deadline(lambda: next(stream, None), timeout_s)
+        except Exception as exc:  # noqa: BLE001
+            for part in pending.values():
+                yield _pin_failure(stage, part, exc)
+            return
+        if part is None:  # the stage ended without finishing some parts: never lose them silently
+            for part in pending.values():
+                yield _pin_failure(stage, part, RuntimeError(f"{stage.name} did not produce this part"))
+            return
+        del pending[id(part)]
+        timings = part.meta.setdefault("timings", {})
+        timings[stage.name] = timings.get(stage.name, 0.0) + time.perf_counter() - start
+        yield part
+
+
+def run_stages(stages: list[Stage], records: list[Record], timeout_s: float | None = None,
+               observe=None) -> Iterator[list[Record]]:
+    """Apply `stages` in order, yielding lists of finished records. From a fan-out stage on, each part goes
+    through the rest of the stages on its own and is yielded at once. `observe(stage, records, stopped_before)`
+    sees each stage's output (for metrics)."""
+    for index, stage in enumerate(stages):
+        if isinstance(stage, FanOutStage):
+            for record in records:
+                stopped = set() if record.alive else {id(record)}
+                for part in fan_out(stage, record, timeout_s):
+                    if observe:
+                        observe(stage, [part], stopped)
+                    yield from run_stages(stages[index + 1:], [part], timeout_s, observe)
+            return
+        stopped = {id(r) for r in records if not r.alive} if observe else set()
+        records = run_stage(stage, records, timeout_s)
+        if observe:
+            observe(stage, records, stopped)
+    yield records
+
+
 def limit_threads(num_cpus: float) -> None:
     """Keep native libraries to the cores a worker was given. Ray runs one worker per core; OpenCV's default
     pool (one thread per machine core) in every worker would oversubscribe the machine and slow all of them."""
@@ -145,20 +217,19 @@ class StageWorker:
             stage.setup()
         self.metrics = StageMetrics.create()
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        """Yields one table per finished group of records: after a fan-out stage, one per part (clip), which Ray
+        Data ships as its own block (see `build_dataset`), so no worker holds more than one clip of a source."""
         if (self.recycle_after and self.calls >= self.recycle_after) or any(t.is_alive() for t in ABANDONED):
             # Replace this process before taking more work: Ray restarts the actor (Ray Data sets max_restarts=-1)
             # or retries the task, and resubmits this batch to the fresh process, so nothing is lost; leaks in
             # native code and calls stuck past their deadline end with the process.
             os._exit(0)
         self.calls += 1
-        records = table_to_records(batch)
-        for stage in self.stages:
-            stopped = {id(r) for r in records if not r.alive} if self.metrics else set()
-            records = run_stage(stage, records, self.timeout_s)
-            if self.metrics:
-                self.metrics.count(stage.name, records, stopped)
-        return records_to_table(records)
+        observe = (lambda stage, records, stopped: self.metrics.count(stage.name, records, stopped)) if self.metrics else None
+        for records in run_stages(self.stages, table_to_records(batch), self.timeout_s, observe):
+            if records:
+                yield records_to_table(records)
 
 
 class StageMetrics:
@@ -193,19 +264,19 @@ class StageMetrics:
 _TASK_WORKERS: dict = {}
 
 
-def run_in_task(batch: pa.Table, stage_classes: list[type[Stage]], config_json: str) -> pa.Table:
+def run_in_task(batch: pa.Table, stage_classes: list[type[Stage]], config_json: str) -> Iterator[pa.Table]:
     """For stateless stages run as Ray tasks: one StageWorker per process, reused across batches."""
     key = (tuple(stage_classes), config_json)
     if key not in _TASK_WORKERS:
         _TASK_WORKERS[key] = StageWorker(stage_classes, config_json)
-    return _TASK_WORKERS[key](batch)
+    yield from _TASK_WORKERS[key](batch)
 
 
 def named_task_fn(stage_classes: list[type[Stage]]):
     """A task function named after its stages, so Ray's progress shows `MapBatches(probe+shot_cut+...)`."""
 
     def fn(batch, stage_classes, config_json):
-        return run_in_task(batch, stage_classes, config_json)
+        yield from run_in_task(batch, stage_classes, config_json)
 
     fn.__name__ = fn.__qualname__ = "+".join(cls.name for cls in stage_classes)
     return fn

@@ -1,16 +1,20 @@
 """Clip extraction: one streaming decode of the source cuts every planned clip, transcodes it to the target
-spec (size, fps, H.264) and keeps its keyframes (by default at 5%, 50% and 95% of the clip, as in LumosX)."""
+spec (size, fps, H.264) and keeps its keyframes (by default at 5%, 50% and 95% of the clip, as in LumosX).
+
+A fan-out stage: each clip is handed on the moment its last frame is encoded, so a worker holds the clips being
+cut at that frame (one, as shots do not overlap), not every clip of the source."""
 
 from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Iterator
 
 import numpy as np
 
 from pipeline.inputs import caption_for_span
 from pipeline.record import Record
-from pipeline.stage import Stage
+from pipeline.stage import FanOutStage
 from pipeline.video import ClipEncoder, VideoError, fit_size, iter_frames
 
 # Fixed namespace so clip ids are the same on every machine and every run.
@@ -52,19 +56,17 @@ class _OpenClip:
         return self.cursor == len(self.sources)
 
 
-class ClipExtractor(Stage):
-    """Source record in, one clip record per planned clip out (fan-out). Every planned clip yields a record:
-    the ones the decode could not reach carry an error, so the writer can account for the whole source."""
+class ClipExtractor(FanOutStage):
+    """Source record in, one clip record per planned clip out. Every planned clip yields a record: the ones the
+    decode could not reach carry an error, so the writer can account for the whole source."""
 
     name = "clip_extract"
 
     section = "clips"  # resources come from config.clips.resources
 
-    def process(self, records: list[Record]) -> list[Record]:
-        out: list[Record] = []
-        for source in records:
-            out.extend(self._extract(source))
-        return out
+    def split(self, source: Record) -> list[Record]:
+        fps_in = source.meta["source"]["probe"]["fps"]
+        return [self._new_clip(source, span, fps_in) for span in source.meta["clip_plan"]]
 
     def _new_clip(self, source: Record, span: dict, fps_in: float) -> Record:
         first, last = span["first_frame"], span["last_frame"]
@@ -89,7 +91,7 @@ class ClipExtractor(Stage):
             meta=meta,
         )
 
-    def _extract(self, source: Record) -> list[Record]:
+    def stream(self, source: Record, clips: list[Record]) -> Iterator[Record]:
         cfg = self.config.clips
         info = source.meta["source"]["probe"]
         fps_in = info["fps"]
@@ -98,7 +100,6 @@ class ClipExtractor(Stage):
         limits = self.config.limits
         if size[0] > limits.max_width or size[1] > limits.max_height:
             size = fit_size(size[0], size[1], None, max(limits.max_width, limits.max_height))
-        clips = [self._new_clip(source, span, fps_in) for span in source.meta["clip_plan"]]
         plans = [
             output_frame_sources(c.meta["span"]["first_frame"], c.meta["span"]["last_frame"], fps_in, fps_out)
             for c in clips
@@ -115,18 +116,23 @@ class ClipExtractor(Stage):
                     opened[i].feed(index, frame)
                     if opened[i].complete:
                         self._finish(opened.pop(i), size, fps_out)
+                        yield clips[i]
                 if not waiting and not opened:
                     break  # nothing left to cut: stop decoding early
         except VideoError as exc:
             for i in list(opened):
                 opened.pop(i).encoder.close()
                 clips[i].fail(self.name, exc.reason, exc.message)
+                yield clips[i]
+        finally:
+            for clip in opened.values():  # clips the video ended inside (or the consumer stopped early)
+                clip.encoder.close()
         for i in list(opened):
-            opened.pop(i).encoder.close()
             clips[i].fail(self.name, "truncated", f"{source.source_path}: the video ended at frame {index} inside this clip")
+            yield clips[i]
         for i in waiting:
             clips[i].fail(self.name, "truncated", f"{source.source_path}: the video ended at frame {index} before this clip")
-        return clips
+            yield clips[i]
 
     def _finish(self, clip: _OpenClip, size, fps_out: float) -> None:
         record = clip.record

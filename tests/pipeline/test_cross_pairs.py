@@ -68,7 +68,7 @@ def ellipse_mask(height: int, width: int) -> np.ndarray:
 
 
 def source_entry_and_samples(source: int):
-    """One curated source with CLIPS_PER_SOURCE kept clips, as assemble_source would hand them to ShardSink."""
+    """One curated source with CLIPS_PER_SOURCE kept clips, as the runner would hand them to ShardSink."""
     sid = f"{source:016x}"
     rows, clips, samples = [], [], []
     for clip in range(CLIPS_PER_SOURCE):

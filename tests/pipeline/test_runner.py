@@ -1,0 +1,39 @@
+"""The Ray Data plan of a run: a source fans out into one block per clip, so no worker holds a whole source and
+the clips of one long video spread over the workers downstream."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import RunConfig
+from pipeline.inputs import source_records
+from pipeline.record import table_to_records
+from pipeline.runner import build_dataset, fuse
+from stages.clip_extract import ClipExtractor
+from stages.probe import Prober
+from stages.quality import QualityStats
+from stages.shot_cut import ShotCutter
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+def test_each_clip_of_a_source_reaches_the_driver_as_its_own_block(local_ray, demo_corpus):
+    config = RunConfig.model_validate({"ray": {"progress": False}, "shots": {"min_clip_s": 1.0}})
+    stages = [cls(config) for cls in (Prober, ShotCutter, ClipExtractor, QualityStats)]
+    assert len(fuse(stages)) == 1  # one task decodes, cuts and checks a source
+    video = sorted((demo_corpus / "videos").glob("*.mp4"))[0]
+    blocks = [table_to_records(t) for t in build_dataset(source_records([str(video)], {}), stages, config)
+              .iter_batches(batch_size=None, batch_format="pyarrow")]
+    clips = [r for block in blocks for r in block]
+    assert len(clips) >= 3 and all(r.kind == "clip" for r in clips)
+    assert {r.clips_planned for r in clips} == {len(clips)}
+    assert [len(block) for block in blocks] == [1] * len(clips)
+    assert len({r.key for r in clips}) == len(clips)
+    assert all("mp4" in r.blobs and "quality_stats" in r.meta["timings"] for r in clips if r.alive)
