@@ -19,7 +19,6 @@ from typing import Self
 
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline import __version__
 from pipeline.assemble import SourceAssembly, SourceCollector
@@ -28,9 +27,10 @@ from pipeline.cross_pairs import build_cross_pairs
 from pipeline.inputs import list_inputs, load_metadata, source_records
 from pipeline.ledger import SPOOL_DIR, Ledger
 from pipeline.outputs import write_outputs, write_summary
+from pipeline.progress import RunProgress, StageFunnel
 from pipeline.record import Record, table_to_records
 from pipeline.shard_writer import ShardSink
-from pipeline.stage import Stage, limit_threads, named_actor_class, named_task_fn, run_stages
+from pipeline.stage import FanOutStage, Stage, limit_threads, named_actor_class, named_task_fn, run_stages
 
 
 def _check_config(out: Path, config: RunConfig) -> None:
@@ -79,10 +79,13 @@ def _file_identity(path: str) -> tuple[str, int, int]:
 
 
 def fuse(stages: list[Stage]) -> list[list[Stage]]:
-    """Consecutive stateless stages form one group (one Ray task); each model stage is a group of its own."""
+    """Consecutive stateless stages form one group (one Ray task); each model stage is a group of its own. A
+    fan-out stage ends its group: what follows works on single clips, which then spread over all workers instead
+    of following their source's decode one after another in one task."""
     groups: list[list[Stage]] = []
     for stage in stages:
-        if groups and not stage.stateful and not groups[-1][-1].stateful:
+        last = groups[-1][-1] if groups else None
+        if last is not None and not stage.stateful and not last.stateful and not isinstance(last, FanOutStage):
             groups[-1].append(stage)
         else:
             groups.append([stage])
@@ -108,7 +111,7 @@ def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig)
     # worker buffers up to Ray's default 128 MiB of them first.
     context.target_max_block_size = BLOCK_BYTES
     ds = ray.data.from_items([r.to_row() for r in records], override_num_blocks=max(1, len(records)))
-    for group in groups:
+    for previous, group in zip([None, *groups], groups):
         classes = [type(s) for s in group]
         res = [s.resources for s in group]
         kwargs = {
@@ -118,6 +121,10 @@ def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig)
             "num_gpus": max(r.num_gpus for r in res) or None,
             "memory": int(max(r.memory_gb for r in res) * 2**30) or None,
         }
+        if previous and isinstance(previous[-1], FanOutStage):
+            # Ray Data's default for small blocks, said out loud: Ray Data fuses an operator into the one before it
+            # only when their remote args match, and fused, the clips would stay in their source's decode worker.
+            kwargs["scheduling_strategy"] = "SPREAD"
         if group[0].stateful:
             cpus = ray.available_resources().get("CPU", 2)
             # Leave a CPU for the decode tasks around the pool, or tasks upstream of it starve.
@@ -197,7 +204,8 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
             batches = build_dataset(records, stages, config).iter_batches(batch_size=None, batch_format="pyarrow")
             stream = (r for batch in batches for r in table_to_records(batch))
-        counts, incomplete = _commit_stream(stream, len(records), out, config, ledger, state, run_id, console)
+        counts, incomplete = _commit_stream(stream, len(records), out, config, ledger, state, run_id, console,
+                                            [s.name for s in stages])
     finally:
         if started_ray:
             import ray
@@ -226,17 +234,15 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
 
 
 def _commit_stream(stream, total: int, out: Path, config: RunConfig, ledger: Ledger, state, run_id: str,
-                   console: Console) -> tuple[dict, list[dict]]:
+                   console: Console, stage_names: list[str]) -> tuple[dict, list[dict]]:
     """Group finished records by source and commit each whole source through the shard writer."""
     sink = ShardSink(out, config.output, ledger, state)
     collector = SourceCollector(out / SPOOL_DIR, config.hash())
     seen_ids = set(state.sources)
     counts = {"sources": 0, "clips": 0, "samples": 0, "video_s": 0.0}
     refresher = SummaryRefresher(out, ledger, run_id, total, counts, config.ray.summary_every_s)
-    progress = Progress(
-        TextColumn("[bold blue]sources"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[samples]} samples"), console=console, disable=not config.ray.progress,
-    )
+    funnel = StageFunnel(stage_names)
+    progress = RunProgress(funnel, console, disable=not config.ray.progress)
     with progress, refresher:
         task = progress.add_task("curate", total=total, samples=0)
         for record in stream:
@@ -244,7 +250,9 @@ def _commit_stream(stream, total: int, out: Path, config: RunConfig, ledger: Led
             if assembly is None:
                 continue
             with refresher.lock:  # the summary thread reads the ledger: never in the middle of a commit
-                _commit_source(assembly, sink, ledger, seen_ids, counts, run_id)
+                entry = _commit_source(assembly, sink, ledger, seen_ids, counts, run_id)
+            if entry:
+                funnel.add(entry)
             progress.update(task, advance=1, samples=counts["samples"])
     sink.close()
     # Records that never came back (a worker died for good): the source stays uncommitted and the next run
@@ -261,14 +269,15 @@ def _commit_stream(stream, total: int, out: Path, config: RunConfig, ledger: Led
 
 
 def _commit_source(assembly: SourceAssembly, sink: ShardSink, ledger: Ledger, seen_ids: set, counts: dict,
-                   run_id: str) -> None:
+                   run_id: str) -> dict | None:
+    """Write one whole source; returns its ledger entry (None for a duplicate of a source already curated)."""
     entry, samples = assembly.entry(run_id), assembly.samples
     try:
         if entry["source_id"] in seen_ids:
             # Same bytes as a source already curated (a copy under another name): never write it twice.
             ledger.append({"type": "duplicate", "path": entry["path"], "source_id": entry["source_id"],
                            "size": entry["size"], "mtime_ns": entry["mtime_ns"], "run": run_id})
-            return
+            return None
         seen_ids.add(entry["source_id"])
         sink.add_source(entry, samples)
     finally:
@@ -277,6 +286,7 @@ def _commit_source(assembly: SourceAssembly, sink: ShardSink, ledger: Ledger, se
     counts["clips"] += len(entry["clips"])
     counts["samples"] += len(samples)
     counts["video_s"] += entry["duration_s"] or 0.0
+    return entry
 
 
 class SummaryRefresher:
