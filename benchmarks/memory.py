@@ -25,6 +25,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -115,14 +116,46 @@ def child(video: str, config_path: str, out: str, overrides: list[str]) -> None:
     config.input.paths = [video]
     config.input.metadata = str(Path(video).with_name("metadata.jsonl"))
     start = time.perf_counter()
-    summary = curate(config, out, console=Console(quiet=True), sequential=True)
+    with RssSampler() as rss:
+        summary = curate(config, out, console=Console(quiet=True), sequential=True)
     print(json.dumps({
         "wall_s": round(time.perf_counter() - start, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        # Growth shows as a later tenth peaking above an earlier one; a bounded run plateaus once its models load.
+        "rss_mb_by_tenth": rss.peaks_by_tenth(),
         "clips": summary["clips"],
         "samples": summary["samples"],
         "removed": {f"{f['stage']} ({f['unit']})": f["removed"] for f in summary["funnel"] if f["removed"]},
     }))
+
+
+class RssSampler:
+    """This process's resident memory every 0.2 s while a run goes (from /proc/self/statm), to tell a one-time
+    cost (model loads) from growth over the run."""
+
+    def __init__(self):
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            with open("/proc/self/statm") as f:
+                self.samples.append(int(f.read().split()[1]) * self._page_mb)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def peaks_by_tenth(self) -> list[float]:
+        """The peak of each tenth of the run's samples."""
+        n = len(self.samples)
+        return [round(max(self.samples[i * n // 10:max(i * n // 10 + 1, (i + 1) * n // 10)]), 1) for i in range(10)] if n else []
 
 
 def child_decode(video: str) -> None:
