@@ -48,9 +48,10 @@ class Stage:
 class FanOutStage(Stage):
     """A stage that turns one record into several (a source into its clips) and finishes them one at a time.
 
-    `split` plans the parts (cheap, no content); `stream` fills them in and yields each as soon as it is done.
-    The runner passes each part through the rest of the flow before the next one is finished, so a worker holds
-    one part at a time, not a whole source's worth, and the parts spread over the workers downstream."""
+    `split` plans the parts (cheap, no content); `stream` fills them in and yields each as soon as it is done, and
+    keeps no reference to a part it has yielded. The runner passes each part through the rest of the flow before
+    the next one is finished, so a worker holds one part at a time, not a whole source's worth, and the parts spread
+    over the workers downstream."""
 
     def split(self, record: Record) -> list[Record]:
         raise NotImplementedError
@@ -151,6 +152,7 @@ def fan_out(stage: FanOutStage, record: Record, timeout_s: float | None = None) 
         return
     pending = {id(part): part for part in parts}
     stream = stage.stream(record, parts)
+    del parts  # a part is referenced here only until it is yielded (see FanOutStage)
     while pending:
         start = time.perf_counter()
         try:

@@ -105,34 +105,38 @@ class ClipExtractor(FanOutStage):
             for c in clips
         ]
         waiting = list(range(len(clips)))  # clip indices in start order (plans are sorted and disjoint)
+        # Each clip is let go once handed on: holding the finished ones (mp4, keyframes, and whatever the stages
+        # after this one add in the same worker) would grow the worker with the source's length.
+        unfinished = dict(enumerate(clips))
+        del clips
         opened: dict[int, _OpenClip] = {}
         index = -1
         try:
             for index, frame in enumerate(iter_frames(source.source_path, size=size)):
                 while waiting and plans[waiting[0]][0] <= index:
                     i = waiting.pop(0)
-                    opened[i] = _OpenClip(clips[i], plans[i], size, fps_out, cfg)
+                    opened[i] = _OpenClip(unfinished[i], plans[i], size, fps_out, cfg)
                 for i in list(opened):
                     opened[i].feed(index, frame)
                     if opened[i].complete:
                         self._finish(opened.pop(i), size, fps_out)
-                        yield clips[i]
+                        yield unfinished.pop(i)
                 if not waiting and not opened:
                     break  # nothing left to cut: stop decoding early
         except VideoError as exc:
             for i in list(opened):
                 opened.pop(i).encoder.close()
-                clips[i].fail(self.name, exc.reason, exc.message)
-                yield clips[i]
+                unfinished[i].fail(self.name, exc.reason, exc.message)
+                yield unfinished.pop(i)
         finally:
             for clip in opened.values():  # clips the video ended inside (or the consumer stopped early)
                 clip.encoder.close()
         for i in list(opened):
-            clips[i].fail(self.name, "truncated", f"{source.source_path}: the video ended at frame {index} inside this clip")
-            yield clips[i]
+            unfinished[i].fail(self.name, "truncated", f"{source.source_path}: the video ended at frame {index} inside this clip")
+            yield unfinished.pop(i)
         for i in waiting:
-            clips[i].fail(self.name, "truncated", f"{source.source_path}: the video ended at frame {index} before this clip")
-            yield clips[i]
+            unfinished[i].fail(self.name, "truncated", f"{source.source_path}: the video ended at frame {index} before this clip")
+            yield unfinished.pop(i)
 
     def _finish(self, clip: _OpenClip, size, fps_out: float) -> None:
         record = clip.record

@@ -1,9 +1,11 @@
+import gc
+import weakref
 
 import numpy as np
 
 from pipeline.config import build_config
 from pipeline.inputs import source_records
-from pipeline.stage import run_stage
+from pipeline.stage import run_stage, run_stages
 from pipeline.video import iter_frames, probe
 from stages import ClipExtractor, Prober, ShotCutter
 from stages.clip_extract import clip_key, output_frame_sources
@@ -73,3 +75,19 @@ def test_short_video_is_dropped_with_a_reason(bad_inputs):
     [record] = cut([bad_inputs["good"]], ["shots.min_clip_s=5"])
     assert record.kind == "source" and record.clips_planned == 0
     assert record.drop == {"stage": "shot_cut", "reason": "no_usable_shots"}
+
+
+def test_a_clip_handed_on_is_let_go_before_the_next_is_cut(demo_corpus):
+    """Memory per worker is one clip: nothing in the flow keeps a finished clip of the source alive."""
+    config = build_config({}, ["shots.min_clip_s=1.0"])
+    video = sorted((demo_corpus / "videos").glob("*.mp4"))[0]
+    stages = [Prober(config), ShotCutter(config), ClipExtractor(config)]
+    handed_on = []
+    for batch in run_stages(stages, source_records([str(video)], {})):
+        gc.collect()
+        assert all(ref() is None for ref in handed_on), "an earlier clip is still referenced"
+        [clip] = batch
+        assert clip.alive and len(clip.get_bytes("mp4")) > 0
+        handed_on.append(weakref.ref(clip))
+        del batch, clip
+    assert len(handed_on) >= 3
