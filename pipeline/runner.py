@@ -96,7 +96,8 @@ BLOCK_BYTES = 1 << 20  # a clip record carries its mp4 and keyframes: a few MB a
 
 
 def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig):
-    """The Ray Data plan: one block per source, then one map_batches per stage group with its resources."""
+    """The Ray Data plan: one block per source in, one map_batches per stage group with its resources, and one
+    block per clip from the fan-out on."""
     import ray
 
     config_json = config.model_dump_json()
