@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -53,19 +54,29 @@ def run(nodes: int, cpus: int, corpus: Path, model: Path, out: Path, kill: bool)
             cwd=REPO, env=cluster.client_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         killed: list[str | None] = []
+        started = time.monotonic()
         if kill:
             roots = [n.process.pid for n in cluster.members]
-            watcher = threading.Thread(target=lambda: killed.append(kill_busy_worker(roots, settle_s=5.0)))
+
+            def kill_one():
+                killed.append(kill_busy_worker(roots, settle_s=5.0))
+                kill_at.append(round(time.monotonic() - started, 1))
+
+            kill_at: list[float] = []
+            watcher = threading.Thread(target=kill_one)
             watcher.start()
         log = driver.communicate()[0]
         if kill:
             watcher.join()
+    # The driver's output (Ray Data's timestamped progress lines) beside the run, to see where a run lost time.
+    out.with_name(out.name + ".log").write_text(log)
     if driver.returncode != 0:
         raise SystemExit(f"curation on {nodes} node(s) failed:\n{log[-3000:]}")
     line = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines() if '"type":"run"' in x][-1]
     samples = sorted(r["key"] for r in pq.read_table(out / "manifest.parquet", columns=["key"]).to_pylist())
     return {"wall_s": round(line["wall_s"], 1), "clips": line["clips"], "clips_per_s": line["clips"] / line["wall_s"],
-            "samples": samples, "killed": killed[0] if killed else None}
+            "samples": samples, "killed": killed[0] if killed else None,
+            "killed_after_s": kill_at[0] if kill and kill_at else None}
 
 
 def main() -> None:
@@ -89,6 +100,7 @@ def main() -> None:
         "recovery_overhead": round(hit["wall_s"] / two["wall_s"], 3),
         "wall_s": {"1node": one["wall_s"], "2nodes": two["wall_s"], "2nodes_one_kill": hit["wall_s"]},
         "killed": hit["killed"],
+        "killed_after_s": hit["killed_after_s"],  # since the driver started (its wall_s excludes Ray start-up)
         "same_sample_set": one["samples"] == two["samples"] == hit["samples"],
         "samples": len(one["samples"]), "clips": one["clips"], "videos": args.videos,
         "cpus_per_node": args.cpus_per_node, "cores": "one per node (pinned)",
