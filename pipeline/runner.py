@@ -133,7 +133,10 @@ def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig)
             ds = ds.map_batches(
                 named_actor_class(classes),
                 fn_constructor_args=(classes, config_json),
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
+                # All actors from the start: Ray Data adds actors one at a time, each only once the last has
+                # loaded its model and within the operator's resource budget, which on a small cluster left a
+                # model stage on one actor with most of the clips queued in front of it. Idle ones still go.
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool, initial_size=pool),
                 **kwargs,
             )
         else:
