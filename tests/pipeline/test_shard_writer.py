@@ -6,7 +6,7 @@ import pytest
 import webdataset as wds
 
 from pipeline.config import OutputConfig
-from pipeline.ledger import Ledger
+from pipeline.ledger import SPOOL_DIR, Ledger
 from pipeline.outputs import write_outputs
 from pipeline.shard_writer import ShardSink, file_sha256
 
@@ -110,3 +110,14 @@ def test_torn_last_ledger_line_is_ignored_and_repaired(tmp_path):
     assert ledger_path.read_text().endswith("\n")
     Ledger(out).append({"type": "run", "wall_s": 1})
     assert len(Ledger(out).read().runs) == 1
+
+
+def test_recovery_removes_the_spool_of_sources_a_crash_left_in_flight(tmp_path):
+    out = tmp_path / "out"
+    run(out, Ledger(out))
+    spool = out / SPOOL_DIR
+    spool.mkdir()
+    (spool / "00000001.tar").write_bytes(b"half a source")
+    state = Ledger(out).recover()
+    assert not spool.exists()
+    assert set(state.sources) == set(SOURCES)  # committed work is untouched
