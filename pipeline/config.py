@@ -39,7 +39,8 @@ class StageResources(_Section):
     num_gpus: float = Field(0.0, ge=0)
     memory_gb: float = Field(0.5, ge=0)
     batch_size: int = Field(1, ge=1)
-    workers: int | None = Field(None, ge=1, description="actor pool size for model stages; null = one per free CPU")
+    workers: int | None = Field(None, ge=1, description="fixed actor pool size for model stages; null = a share of "
+                                "the cluster (pipeline.runner.pool_sizes)")
 
 
 class InputConfig(_Section):

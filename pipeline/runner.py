@@ -95,6 +95,27 @@ def fuse(stages: list[Stage]) -> list[list[Stage]]:
 BLOCK_BYTES = 1 << 20  # a clip record carries its mp4 and keyframes: a few MB at 360p
 
 
+def pool_sizes(model_stages: list[Stage], available: dict[str, float]) -> dict[int, int]:
+    """The fixed actor count of each model stage's pool, keyed by id(stage).
+
+    `workers` sets it. Otherwise the model stages split the cluster: those asking for GPUs share the GPUs equally;
+    those on CPUs share half the CPUs, the other half staying with the task operators around them (decode, cutting,
+    filters), which a pool of every CPU would starve. At least one actor each."""
+    on_gpu = sum(s.resources.num_gpus > 0 for s in model_stages)
+    on_cpu = len(model_stages) - on_gpu
+    sizes = {}
+    for stage in model_stages:
+        res = stage.resources
+        if res.workers:
+            share = res.workers
+        elif res.num_gpus > 0:
+            share = available.get("GPU", 0.0) / on_gpu // res.num_gpus
+        else:
+            share = available.get("CPU", 1.0) / 2 / on_cpu // res.num_cpus
+        sizes[id(stage)] = max(1, int(share))
+    return sizes
+
+
 def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig):
     """The Ray Data plan: one block per source in, one map_batches per stage group with its resources, and one
     block per clip from the fan-out on."""
@@ -102,15 +123,18 @@ def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig)
 
     config_json = config.model_dump_json()
     groups = fuse(stages)
-    # A single operator needs no per-operator reservation; with it on, Ray Data starts one task and waits to learn
-    # output sizes before starting the next, which idles a small machine for seconds. Several operators (model
-    # actor pools) keep it, so no operator can starve the others. Set every time: the context is per process.
+    # No per-operator resource reservation. With it, Ray Data held a task operator to about one task at a time (its
+    # share of the budget) while CPUs idled, and started one task and waited to learn output sizes before the next.
+    # Model pools are fixed (pool_sizes), so tasks can only take the CPUs the pools leave, and Ray Data's queue
+    # limits (downstream capacity, object store) still bound what runs ahead. Set every time: the context is per
+    # process.
     context = ray.data.DataContext.get_current()
-    context.op_resource_reservation_enabled = len(groups) > 1
+    context.op_resource_reservation_enabled = False
     # Workers yield a table per clip (StageWorker); a block target below one clip's size ships each as its own
     # block, so the clips of one long source spread over the model actors instead of queueing at one, and no
     # worker buffers up to Ray's default 128 MiB of them first.
     context.target_max_block_size = BLOCK_BYTES
+    pools = pool_sizes([g[0] for g in groups if g[0].stateful], ray.available_resources())
     ds = ray.data.from_items([r.to_row() for r in records], override_num_blocks=max(1, len(records)))
     for previous, group in zip([None, *groups], groups):
         classes = [type(s) for s in group]
@@ -127,16 +151,13 @@ def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig)
             # only when their remote args match, and fused, the clips would stay in their source's decode worker.
             kwargs["scheduling_strategy"] = "SPREAD"
         if group[0].stateful:
-            cpus = ray.available_resources().get("CPU", 2)
-            # Leave a CPU for the decode tasks around the pool, or tasks upstream of it starve.
-            pool = res[0].workers or max(1, int(cpus // max(res[0].num_cpus, 1)) - 1)
             ds = ds.map_batches(
                 named_actor_class(classes),
                 fn_constructor_args=(classes, config_json),
-                # All actors from the start: Ray Data adds actors one at a time, each only once the last has
-                # loaded its model and within the operator's resource budget, which on a small cluster left a
-                # model stage on one actor with most of the clips queued in front of it. Idle ones still go.
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool, initial_size=pool),
+                # A fixed pool, all of it from the start: each actor loads its model once. Left to autoscale, Ray
+                # Data shrank the segmentation pool before its first clip arrived and added actors back one model
+                # load at a time; on two nodes a run spent 60 s on one actor with 14 clips queued.
+                compute=ray.data.ActorPoolStrategy(size=pools[id(group[0])]),
                 **kwargs,
             )
         else:
