@@ -179,11 +179,15 @@ class LoopbackCluster:
         self.stop()
 
 
-def kill_busy_worker(root_pids: list[int], timeout_s: float = 300.0, settle_s: float = 0.5) -> str | None:
+TASK_WORKER, ACTOR_WORKER = "ray::MapBatches", "ray::MapWorker"
+
+
+def kill_busy_worker(root_pids: list[int], timeout_s: float = 300.0, settle_s: float = 0.5,
+                     kinds: tuple[str, ...] = (TASK_WORKER, ACTOR_WORKER)) -> str | None:
     """SIGKILL the first Ray worker process seen running a stage (Ray titles a worker after its task:
-    `ray::MapBatches(...)` for tasks, `ray::MapWorker(...)` for Ray Data actors) among the descendants of
-    `root_pids` (a driver with its embedded Ray, or loopback nodes), so no other Ray on the machine is touched.
-    Returns the killed process's title, or None when none was seen before the roots exited or `timeout_s`."""
+    `ray::MapBatches(...)` for tasks, `ray::MapWorker(...)` for Ray Data actors; `kinds` picks which) among the
+    descendants of `root_pids` (a driver with its embedded Ray, or loopback nodes), so no other Ray on the machine is
+    touched. Returns the killed process's title, or None when none was seen before the roots exited or `timeout_s`."""
     import psutil
 
     deadline = time.monotonic() + timeout_s
@@ -194,7 +198,7 @@ def kill_busy_worker(root_pids: list[int], timeout_s: float = 300.0, settle_s: f
                 for proc in root.children(recursive=True):
                     title = " ".join(proc.cmdline()).strip()
                     # Not an actor still in its constructor (loading models): a worker in the middle of a batch.
-                    if title.startswith(("ray::MapBatches", "ray::MapWorker")) and not title.endswith("__init__"):
+                    if title.startswith(kinds) and not title.endswith("__init__"):
                         time.sleep(settle_s)  # let it get into its batch
                         proc.kill()
                         return title
