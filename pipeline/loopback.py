@@ -196,16 +196,25 @@ def kill_busy_worker(root_pids: list[int], timeout_s: float = 300.0, settle_s: f
         for root in roots:
             try:
                 for proc in root.children(recursive=True):
-                    title = " ".join(proc.cmdline()).strip()
-                    # Not an actor still in its constructor (loading models): a worker in the middle of a batch.
-                    if title.startswith(kinds) and not title.endswith("__init__"):
+                    if _busy(" ".join(proc.cmdline()).strip(), kinds):
                         time.sleep(settle_s)  # let it get into its batch
-                        proc.kill()
-                        return title
+                        title = " ".join(proc.cmdline()).strip()
+                        if _busy(title, kinds):  # still in one (the same or the next)
+                            proc.kill()
+                            return title
             except psutil.Error:
                 continue
         time.sleep(0.1)
     return None
+
+
+def _busy(title: str, kinds: tuple[str, ...]) -> bool:
+    """A worker in the middle of a batch, from its process title: a task worker is titled after its task while it
+    runs one (`ray::IDLE` between tasks); an actor is `ray::MapWorker(...)` when idle and gains the method's name,
+    `ray::MapWorker(...).submit`, while it runs one (`.__init__`: still loading its models)."""
+    if title.startswith(ACTOR_WORKER):
+        return ACTOR_WORKER in kinds and not title.endswith(("__init__", ")"))
+    return title.startswith(kinds)
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

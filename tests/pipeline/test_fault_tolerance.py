@@ -15,7 +15,7 @@ import pytest
 
 from pipeline import stage as stage_module
 from pipeline.config import RunConfig
-from pipeline.loopback import kill_busy_worker
+from pipeline.loopback import ACTOR_WORKER, TASK_WORKER, _busy, kill_busy_worker
 from pipeline.record import Record, table_to_records
 from pipeline.runner import build_dataset
 from pipeline.stage import run_stage
@@ -148,6 +148,17 @@ def test_worker_process_killed_mid_job_gives_the_clean_runs_sample_set(curated_o
     assert driver.returncode == 0, log[-3000:]
     assert killed, "no worker was caught running a stage: the job ended first"
     assert sample_set(out) == sample_set(curated_out)
+
+
+def test_a_worker_counts_as_busy_only_while_its_title_names_a_running_batch():
+    both = (TASK_WORKER, ACTOR_WORKER)
+    assert _busy("ray::MapBatches(probe+shot_cut+clip_extract)", both)
+    assert not _busy("ray::IDLE", both)
+    assert _busy("ray::MapWorker(MapBatches(segmentation)).submit", both)
+    assert not _busy("ray::MapWorker(MapBatches(segmentation))", both)  # an idle actor
+    assert not _busy("ray::MapWorker(MapBatches(segmentation)).__init__", both)  # still loading its model
+    assert not _busy("ray::MapWorker(MapBatches(segmentation)).submit", (TASK_WORKER,))
+    assert not _busy("ray::MapBatches(faces)", (ACTOR_WORKER,))
 
 
 def sample_set(out: Path) -> dict[str, tuple]:
