@@ -55,16 +55,15 @@ def run(nodes: int, cpus: int, corpus: Path, model: Path, out: Path, kill: str |
              "--set", "ray.progress=false"],
             cwd=REPO, env=cluster.client_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        killed: list[str | None] = []
+        killed: list[tuple[str | None, float]] = []  # (title, seconds since the driver started)
         started = time.monotonic()
         if kill:
             roots = [n.process.pid for n in cluster.members]
 
             def kill_one():
-                killed.append(kill_busy_worker(roots, settle_s=5.0, kinds=(kill,)))
-                kill_at.append(round(time.monotonic() - started, 1))
+                title = kill_busy_worker(roots, settle_s=5.0, kinds=(kill,))
+                killed.append((title, round(time.monotonic() - started, 1)))
 
-            kill_at: list[float] = []
             watcher = threading.Thread(target=kill_one)
             watcher.start()
         log = driver.communicate()[0]
@@ -77,8 +76,8 @@ def run(nodes: int, cpus: int, corpus: Path, model: Path, out: Path, kill: str |
     line = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines() if '"type":"run"' in x][-1]
     samples = sorted(r["key"] for r in pq.read_table(out / "manifest.parquet", columns=["key"]).to_pylist())
     return {"wall_s": round(line["wall_s"], 1), "clips": line["clips"], "clips_per_s": line["clips"] / line["wall_s"],
-            "samples": samples, "killed": killed[0] if killed else None,
-            "killed_after_s": kill_at[0] if kill and kill_at else None}
+            "samples": samples, "killed": killed[0][0] if killed else None,
+            "killed_after_s": killed[0][1] if killed else None}
 
 
 def main() -> None:

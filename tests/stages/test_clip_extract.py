@@ -80,7 +80,7 @@ def test_short_video_is_dropped_with_a_reason(bad_inputs):
 def test_a_clip_handed_on_is_let_go_before_the_next_is_cut(demo_corpus):
     """Memory per worker is one clip: nothing in the flow keeps a finished clip of the source alive."""
     config = build_config({}, ["shots.min_clip_s=1.0"])
-    video = sorted((demo_corpus / "videos").glob("*.mp4"))[0]
+    video = min((demo_corpus / "videos").glob("*.mp4"))
     stages = [Prober(config), ShotCutter(config), ClipExtractor(config)]
     handed_on = []
     for batch in run_stages(stages, source_records([str(video)], {})):
