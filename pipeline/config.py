@@ -40,7 +40,7 @@ class StageResources(_Section):
     memory_gb: float = Field(0.5, ge=0)
     batch_size: int = Field(1, ge=1)
     workers: int | None = Field(None, ge=1, description="fixed actor pool size for model stages; null = a share of "
-                                "the cluster (pipeline.runner.pool_sizes)")
+                                "the cluster (pipeline.pools.pool_sizes)")
 
 
 class InputConfig(_Section):
@@ -391,6 +391,9 @@ class RayConfig(_Section):
         1000, ge=1, description="a worker process is replaced after this many batches, bounding slow leaks in "
                                 "native libraries; null = never")
     summary_every_s: float = Field(30.0, gt=0, description="summary.json is refreshed this often during a run")
+    reserve_pools: bool = Field(
+        True, description="hold each model actor pool's CPUs/GPUs in a placement group spread over the nodes, so an "
+                          "actor that dies is restarted into its own slot (pipeline.pools)")
 
 
 class RunConfig(_Section):

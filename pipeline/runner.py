@@ -27,6 +27,7 @@ from pipeline.cross_pairs import build_cross_pairs
 from pipeline.inputs import list_inputs, load_metadata, source_records
 from pipeline.ledger import SPOOL_DIR, Ledger
 from pipeline.outputs import write_outputs, write_summary
+from pipeline.pools import PoolReservations, pool_sizes
 from pipeline.progress import RunProgress, StageFunnel
 from pipeline.record import Record, table_to_records
 from pipeline.shard_writer import ShardSink
@@ -95,31 +96,12 @@ def fuse(stages: list[Stage]) -> list[list[Stage]]:
 BLOCK_BYTES = 1 << 20  # a clip record carries its mp4 and keyframes: a few MB at 360p
 
 
-def pool_sizes(model_stages: list[Stage], available: dict[str, float]) -> dict[int, int]:
-    """The fixed actor count of each model stage's pool, keyed by id(stage).
-
-    `workers` sets it. Otherwise the model stages split the cluster: those asking for GPUs share the GPUs equally;
-    those on CPUs share half the CPUs, the other half staying with the task operators around them (decode, cutting,
-    filters), which a pool of every CPU would starve. At least one actor each."""
-    on_gpu = sum(s.resources.num_gpus > 0 for s in model_stages)
-    on_cpu = len(model_stages) - on_gpu
-    sizes = {}
-    for stage in model_stages:
-        res = stage.resources
-        if res.workers:
-            share = res.workers
-        elif res.num_gpus > 0:
-            share = available.get("GPU", 0.0) / on_gpu // res.num_gpus
-        else:
-            share = available.get("CPU", 1.0) / 2 / on_cpu // res.num_cpus
-        sizes[id(stage)] = max(1, int(share))
-    return sizes
-
-
-def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig):
+def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig,
+                  reservations: PoolReservations | None = None):
     """The Ray Data plan: one block per source in, one map_batches per stage group with its resources, and one
-    block per clip from the fan-out on."""
+    block per clip from the fan-out on. Model pools run in placement groups from `reservations` when given."""
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     config_json = config.model_dump_json()
     groups = fuse(stages)
@@ -151,13 +133,19 @@ def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig)
             # only when their remote args match, and fused, the clips would stay in their source's decode worker.
             kwargs["scheduling_strategy"] = "SPREAD"
         if group[0].stateful:
+            size = pools[id(group[0])]
+            reserved = reservations.reserve(group[0].name, kwargs, size) if reservations else None
+            if reserved:  # a restarted actor comes back into its own bundle (pipeline.pools)
+                # Ray 2.60 has no named map_batches parameter for a scheduling strategy; the remote-args route it
+                # takes is deprecated for 2.64.
+                kwargs["scheduling_strategy"] = PlacementGroupSchedulingStrategy(reserved)
             ds = ds.map_batches(
                 named_actor_class(classes),
                 fn_constructor_args=(classes, config_json),
                 # A fixed pool, all of it from the start: each actor loads its model once. Left to autoscale, Ray
                 # Data shrank the segmentation pool before its first clip arrived and added actors back one model
                 # load at a time; on two nodes a run spent 60 s on one actor with 14 clips queued.
-                compute=ray.data.ActorPoolStrategy(size=pools[id(group[0])]),
+                compute=ray.data.ActorPoolStrategy(size=size),
                 **kwargs,
             )
         else:
@@ -219,6 +207,7 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
     stages = [cls(config) for cls in build_flow(config)]
     run_id = uuid.uuid4().hex[:12]
     started_ray = False
+    reservations = PoolReservations(config.ray.reserve_pools, lambda msg: console.print(f"[yellow]warning[/]: {msg}"))
     try:
         if sequential:
             stream, cpus = run_sequential(records, stages, config.ray.stage_timeout_s), 1.0
@@ -227,11 +216,12 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
 
             started_ray = connect_ray(config)
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
-            batches = build_dataset(records, stages, config).iter_batches(batch_size=None, batch_format="pyarrow")
+            batches = build_dataset(records, stages, config, reservations).iter_batches(batch_size=None, batch_format="pyarrow")
             stream = (r for batch in batches for r in table_to_records(batch))
         counts, incomplete = _commit_stream(stream, len(records), out, config, ledger, state, run_id, console,
                                             [s.name for s in stages])
     finally:
+        reservations.close()
         if started_ray:
             import ray
 

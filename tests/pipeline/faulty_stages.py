@@ -48,13 +48,17 @@ class RaisingModel(Stage):
 
 
 class Pid(Stage):
-    """Notes which worker process handled each record."""
+    """Notes which worker process handled each record, and the placement group it ran in (None outside one)."""
 
     name = "pid"
 
     def process(self, records):
+        import ray
+
+        group = ray.get_runtime_context().get_placement_group_id()
         for record in records:
             record.meta["pid"] = os.getpid()
+            record.meta["placement_group"] = group
         return records
 
 
