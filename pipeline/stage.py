@@ -109,6 +109,9 @@ def run_stage(stage: Stage, records: list[Record], timeout_s: float | None = Non
     if not live:
         return done
     start = time.perf_counter()
+    # A failed batch may have changed some of its records before it raised, and a call that overran goes on
+    # changing them on its abandoned thread: the retries start from copies taken before the call.
+    before = [r.to_row() for r in live] if len(live) > 1 else []
     try:
         out = call_with_deadline(lambda: stage.process(live), timeout_s and timeout_s * len(live))
     except Exception as exc:  # noqa: BLE001 - the safety net: any failure is pinned on its record
@@ -116,7 +119,7 @@ def run_stage(stage: Stage, records: list[Record], timeout_s: float | None = Non
             out = [_pin_failure(stage, live[0], exc)]
         else:
             out = []
-            for record in live:
+            for record in map(Record.from_row, before):
                 try:
                     out.extend(call_with_deadline(lambda r=record: stage.process([r]), timeout_s))
                 except Exception as single:  # noqa: BLE001

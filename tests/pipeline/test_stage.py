@@ -30,6 +30,27 @@ def test_a_raising_record_is_isolated_and_the_rest_processed():
     assert "halver" in out["1"].meta["timings"]
 
 
+class Appender(Stage):
+    """Appends to each record as it goes, and raises at the bad one: the records before it are already changed."""
+
+    name = "appender"
+
+    def process(self, records):
+        for r in records:
+            r.meta.setdefault("seen", []).append(self.name)
+            if r.meta["n"] == 3:
+                raise ValueError("three is bad")
+        return records
+
+
+def test_a_failed_batch_is_retried_from_its_records_as_they_came_in():
+    records = [Record(kind="clip", source_path=f"{i}.mp4", key=str(i), meta={"n": i}) for i in range(5)]
+    out = {r.key: r for r in run_stage(Appender(build_config()), records)}
+    # Records 0-2 went through the failed batch call and their retry: each shows one pass, not two.
+    assert [out[k].meta["seen"] for k in "0124"] == [["appender"]] * 4
+    assert out["3"].errors[0]["stage"] == "appender" and not out["3"].alive
+
+
 def test_records_roundtrip_through_arrow_with_blobs():
     record = Record(kind="clip", source_path="a.mp4", key="k1", source_id="abc", clips_planned=3, meta={"x": [1, 2]})
     record.put_bytes("mp4", b"\x00\x01binary")
