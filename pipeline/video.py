@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from fractions import Fraction
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -44,13 +45,20 @@ class ProbeInfo:
         return asdict(self)
 
 
-def probe(path: str) -> ProbeInfo:
-    """Read container/stream facts and decode the first frame (proving the file is a decodable video)."""
-    size = os.path.getsize(path)
+def probe(path: str | BinaryIO, name: str | None = None) -> ProbeInfo:
+    """Read container/stream facts and decode the first frame (proving the file is a decodable video). `path` may
+    be an open binary file (a clip read from a shard); `name` then says what it is in errors."""
+    source = path
+    if isinstance(source, str):
+        size = os.path.getsize(source)
+    else:
+        size = source.seek(0, os.SEEK_END)
+        source.seek(0)
+        path = name or "<in-memory video>"
     if size == 0:
         raise VideoError("empty_file", f"{path}: the file is empty (0 bytes)")
     try:
-        container = av.open(path)
+        container = av.open(source)
     except (av.error.FFmpegError, UnicodeDecodeError) as exc:
         raise VideoError("not_a_video", f"{path}: FFmpeg cannot open it as a media file ({exc})") from None
     with container:

@@ -43,7 +43,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Literal
 
-import av
 import cv2
 import numpy as np
 import torch
@@ -53,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.names import UnsafeName, check_key, shard_path
-from pipeline.video import read_frames
+from pipeline.video import VideoError, probe, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -203,14 +202,11 @@ def _clip_facts(meta: dict, mp4: bytes) -> tuple[int, int, int]:
     clip = meta.get("clip") or {}
     if all(clip.get(k) for k in ("width", "height", "num_frames")):
         return int(clip["width"]), int(clip["height"]), int(clip["num_frames"])
-    try:  # KEY.json without clip facts (not from this pipeline): read them from the container header
-        with av.open(io.BytesIO(mp4)) as container:
-            stream = container.streams.video[0]
-            rate = float(stream.average_rate or 24)
-            frames = stream.frames or int(float(stream.duration * stream.time_base) * rate)
-            return stream.width, stream.height, frames
-    except (av.error.FFmpegError, IndexError, TypeError) as exc:
-        raise SampleError(f"cannot read the mp4 header ({exc})") from None
+    try:  # KEY.json without clip facts (not from this pipeline): read them from the video itself
+        info = probe(io.BytesIO(mp4), name="the sample's mp4")
+    except VideoError as exc:
+        raise SampleError(exc.message) from None
+    return info.width, info.height, info.num_frames
 
 
 def plan_references(meta: dict, members: set[str], cfg: DataConfig) -> tuple[list[RefPlan], list[str]]:

@@ -68,6 +68,19 @@ def test_unopenable_file_raises_video_error(tmp_path):
     assert exc.value.reason == "not_a_video"
 
 
+def test_probe_reads_a_clip_in_memory_and_names_it_in_errors():
+    encoder = ClipEncoder(64, 48, 12)
+    for i in range(6):
+        encoder.add(np.full((48, 64, 3), 40 * i, np.uint8))
+    info = probe(io.BytesIO(encoder.finish()), name="k1.mp4")
+    assert (info.width, info.height, info.fps, info.num_frames, info.codec) == (64, 48, 12.0, 6, "h264")
+    with pytest.raises(VideoError) as exc:
+        probe(io.BytesIO(b"\x00" * 1000), name="k2.mp4")
+    assert exc.value.reason == "not_a_video" and exc.value.message.startswith("k2.mp4: ")
+    with pytest.raises(VideoError, match="empty"):
+        probe(io.BytesIO(b""))
+
+
 def _moving_clip(frames: int, fps: float = 12) -> bytes:
     encoder = ClipEncoder(64, 48, fps)
     for i in range(frames):

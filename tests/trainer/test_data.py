@@ -16,8 +16,18 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from pipeline.video import ClipEncoder
 from tests.conftest import load_by_path
-from trainer.data import DataConfig, choose_bucket, frame_indices, letterbox, make_loader, resolve_shards
+from trainer.data import (
+    DataConfig,
+    SampleError,
+    _clip_facts,
+    choose_bucket,
+    frame_indices,
+    letterbox,
+    make_loader,
+    resolve_shards,
+)
 
 synthetic = load_by_path(Path(__file__).parent / "synthetic.py")
 BUCKETS = [(9, 64, 112), (9, 64, 64), (9, 112, 64)]
@@ -144,6 +154,17 @@ def test_batches_without_any_reference(tmp_path):
     check_contract(batch)
     assert batch["refs"].shape == (4, 0, 3, 64, 64) and batch["ref_subject"].shape == (4, 0)
     assert batch["subject_words"] == [[], [], [], []]
+
+
+def test_clip_facts_missing_from_the_json_are_read_from_the_mp4():
+    encoder = ClipEncoder(96, 64, 12)
+    for i in range(7):
+        encoder.add(np.full((64, 96, 3), 30 * i, np.uint8))
+    mp4 = encoder.finish()
+    assert _clip_facts({}, mp4) == (96, 64, 7)
+    assert _clip_facts({"clip": {"width": 8, "height": 6, "num_frames": 3}}, mp4) == (8, 6, 3)  # the json wins
+    with pytest.raises(SampleError, match="the sample's mp4: FFmpeg cannot open it"):
+        _clip_facts({}, b"not a video at all")
 
 
 def test_every_batch_shares_one_bucket_chosen_by_aspect(shards):
