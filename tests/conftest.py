@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -24,6 +25,22 @@ def load_by_path(path: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# Stages that misbehave on purpose, one module object for every test that uses them. Ray workers cannot import a
+# tests/ module by name, so `local_ray` sends it to them by value.
+faulty = sys.modules.setdefault("faulty_stages", load_by_path(TESTS / "pipeline" / "faulty_stages.py"))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A fresh embedded Ray with 2 CPUs for one test module."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.cloudpickle.register_pickle_by_value(faulty)
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +148,7 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
              ["zero_bytes", "text", "jpeg", "audio_only", "truncated_head", "truncated_tail", "three_frames", "huge", "good"]}
     files["zero_bytes"].write_bytes(b"")
     files["text"].write_text("this is not a video\n" * 20)
-    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    _, jpeg = cv2.imencode(".jpg", cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
     files["jpeg"].write_bytes(jpeg.tobytes())
     write_audio_only(files["audio_only"])
     # Index at the end (our encoder's default): cutting the file loses the index, nothing can be decoded.

@@ -19,10 +19,8 @@ from pipeline.loopback import ACTOR_WORKER, TASK_WORKER, _busy, kill_busy_worker
 from pipeline.record import Record, table_to_records
 from pipeline.runner import build_dataset
 from pipeline.stage import run_stage
-from tests.conftest import load_by_path
+from tests.conftest import faulty
 
-faulty = load_by_path(Path(__file__).with_name("faulty_stages.py"))
-sys.modules.setdefault(faulty.__name__, faulty)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -78,16 +76,6 @@ def test_a_stage_catching_its_own_errors_cannot_keep_a_hung_record_alive():
 
     [record] = run_stage(Swallower(RunConfig()), records("hang"), timeout_s=0.3)
     assert record.errors[0]["reason"] == "timeout"
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    ray.cloudpickle.register_pickle_by_value(faulty)  # workers cannot import a tests/ module by name
-    yield ray
-    ray.shutdown()
 
 
 def run_on_ray(stage_classes, names, **ray_settings) -> dict[str, Record]:

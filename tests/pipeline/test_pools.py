@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
-
-import pytest
 
 from pipeline.config import RunConfig
 from pipeline.pools import PoolReservations, actor_bundle, pool_sizes
@@ -14,20 +10,7 @@ from pipeline.record import Record, table_to_records
 from pipeline.runner import build_dataset
 from stages.clip_score import ClipScore
 from stages.segmentation import Segmenter
-from tests.conftest import load_by_path
-
-faulty = load_by_path(Path(__file__).with_name("faulty_stages.py"))
-sys.modules.setdefault(faulty.__name__, faulty)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    ray.cloudpickle.register_pickle_by_value(faulty)  # workers cannot import a tests/ module by name
-    yield ray
-    ray.shutdown()
+from tests.conftest import faulty
 
 
 def test_model_pools_split_the_cluster_and_leave_half_the_cpus_to_tasks():

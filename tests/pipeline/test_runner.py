@@ -3,8 +3,6 @@ of their own, so no worker holds a whole source and the clips of one long video 
 
 from __future__ import annotations
 
-import pytest
-
 from pipeline.config import RunConfig
 from pipeline.inputs import source_records
 from pipeline.record import table_to_records
@@ -13,15 +11,6 @@ from stages.clip_extract import ClipExtractor
 from stages.probe import Prober
 from stages.quality import QualityStats
 from stages.shot_cut import ShotCutter
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
 
 
 def test_each_clip_of_a_source_reaches_the_driver_as_its_own_block(local_ray, demo_corpus):
