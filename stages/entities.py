@@ -13,7 +13,6 @@ import re
 from pipeline.record import Record
 from pipeline.stage import Stage
 
-
 WEARABLE = {"clothing", "accessory"}
 CLAUSE_BREAK = re.compile(r",|;|\.|\b(?:and|while|as|next to|beside|behind|near|on|against)\b", re.IGNORECASE)
 

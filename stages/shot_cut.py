@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -35,7 +35,7 @@ def plan_clips(shots: list[list[int]], fps: float, min_clip_s: float, max_clip_s
     """
     min_frames = max(1, math.ceil(min_clip_s * fps - 1e-6))
     max_frames = max(min_frames, math.floor(max_clip_s * fps + 1e-6))
-    trim = int(round(trim_s * fps))
+    trim = round(trim_s * fps)
     clips = []
     for index, (first, last) in enumerate(shots):
         a, b = first + trim, last - trim

@@ -17,9 +17,10 @@ words, matched only as written ("watch": "a man watches" is a verb).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 import yaml
 
@@ -145,13 +146,14 @@ class Taxonomy:
         }
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "Taxonomy":
+    def load(cls, path: str | Path | None = None) -> Taxonomy:
         """Read a taxonomy YAML file; None reads the bundled `taxonomies/subjects.yaml`."""
         path = Path(path) if path is not None else DEFAULT_PATH
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping with keys {list(_TOP_LEVEL_KEYS)}")
+            # ValueError throughout: a file with bad content, as every other check here (callers catch ValueError)
+            raise ValueError(f"{path}: expected a mapping with keys {list(_TOP_LEVEL_KEYS)}")  # noqa: TRY004
         unknown = sorted(set(data) - set(_TOP_LEVEL_KEYS))
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {unknown}; allowed: {list(_TOP_LEVEL_KEYS)}")
@@ -162,12 +164,13 @@ class Taxonomy:
             raise ValueError(f"{path}: categories must be a non-empty list")
         attributes = data.get("attributes")
         if not isinstance(attributes, dict):
-            raise ValueError(f"{path}: attributes must be a mapping of list name -> words")
+            raise ValueError(f"{path}: attributes must be a mapping of list name -> words")  # noqa: TRY004
         categories = []
         for i, entry in enumerate(entries):
             where = f"{path}: categories[{i}]"
             if not isinstance(entry, dict):
-                raise ValueError(f"{where}: expected a mapping with keys {list(_CATEGORY_KEYS)}, got {entry!r}")
+                raise ValueError(  # noqa: TRY004
+                    f"{where}: expected a mapping with keys {list(_CATEGORY_KEYS)}, got {entry!r}")
             where += f" ({entry.get('name')!r})"
             unknown = sorted(set(entry) - set(_CATEGORY_KEYS))
             missing = [key for key in _CATEGORY_KEYS if key not in entry]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def test_ground_truth_tiles_each_video(corpus):
         spans = gt["shots"]
         assert gt["fps"] == FPS
         assert spans[0][0] == 0 and spans[-1][1] == gt["num_frames"] - 1
-        assert all(b[0] == a[1] + 1 for a, b in zip(spans, spans[1:]))
+        assert all(b[0] == a[1] + 1 for a, b in itertools.pairwise(spans))
         assert all(first <= last for first, last in spans)
         assert gt["cuts"] == [first for first, _ in spans[1:]]
         assert 3 <= len(spans) <= 5

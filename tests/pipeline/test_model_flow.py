@@ -31,11 +31,11 @@ def test_model_stages_compose_on_ray(tiny_model_dirs, demo_corpus, tmp_path):
         "shots.max_clip_s=4.0", "clips.max_short_side=120", "ray.progress=false", "ray.num_cpus=2",
         # Random boxes would rarely pass real thresholds; these let every object instance through, so the
         # consolidation, reference and inpainting stages get work (their decisions have their own tests).
-        "filters.instances={min_area: 0, max_area: 1, max_iou: 1, min_brightness: 0, min_sharpness: 0, "
-        "require_face: false}",
+        ("filters.instances={min_area: 0, max_area: 1, max_iou: 1, min_brightness: 0, min_sharpness: 0, "
+        "require_face: false}"),
         "consolidation.min_appearance=-1", "consolidation.max_area_ratio=1000000",
     ])
-    config.input.paths = [str(sorted((demo_corpus / "videos").glob("*.mp4"))[0])]
+    config.input.paths = [str(min((demo_corpus / "videos").glob("*.mp4")))]
     config.input.metadata = str(demo_corpus / "metadata.jsonl")
     out = tmp_path / "out"
     summary = curate(config, out)

@@ -26,7 +26,7 @@ def test_resampling_picks_evenly_spaced_source_frames():
 
 
 def test_clips_are_cut_transcoded_and_keyframed(demo_corpus, tmp_path):
-    video = sorted((demo_corpus / "videos").glob("*.mp4"))[0]
+    video = min((demo_corpus / "videos").glob("*.mp4"))
     clips = cut([video], ["clips.max_short_side=180", "clips.fps=12", "shots.trim_s=0"])
     assert clips and all(c.kind == "clip" and c.alive for c in clips)
     assert {c.clips_planned for c in clips} == {len(clips)}
@@ -55,7 +55,7 @@ def test_captions_come_from_the_metadata_shot_that_covers_the_clip(demo_corpus):
     from pipeline.inputs import load_metadata
 
     metadata = load_metadata(str(demo_corpus / "metadata.jsonl"))
-    video = sorted((demo_corpus / "videos").glob("*.mp4"))[0]
+    video = min((demo_corpus / "videos").glob("*.mp4"))
     clips = cut([video], metadata=metadata)
     entry = metadata[str(video.resolve())]
     for clip in clips:

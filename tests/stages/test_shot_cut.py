@@ -23,7 +23,7 @@ def test_plan_clips_min_max_trim_and_split():
     # The 1.5 s shot is too short; the 13 s shot splits into two equal 6.5 s clips.
     assert spans == [(1, 15, 64), (2, 65, 129), (2, 130, 194), (3, 195, 219)]
     trimmed = plan_clips(shots, fps, 2.0, 10.0, trim_s=0.3)
-    assert [(c["first_frame"], c["last_frame"]) for c in trimmed][0] == (18, 61)
+    assert next((c["first_frame"], c["last_frame"]) for c in trimmed) == (18, 61)
     assert all(c["last_frame"] - c["first_frame"] + 1 >= 20 for c in trimmed)
     assert len(trimmed) == 3  # the 2.5 s shot drops below 2 s once trimmed
 

@@ -38,9 +38,9 @@ CHAT_TEMPLATE = (
 _CORPUS = [
     "A man in a black leather jacket and blue jeans walks next to a woman with a red hat on a busy street.",
     "The camera slowly pans left. A girl holds a white cup; a dog sits on the grass in a park at sunset.",
-    '{"subjects": [{"word": "man", "box": 1, "attributes": {"top": ["black shirt"], "bottom": [], '
+    ('{"subjects": [{"word": "man", "box": 1, "attributes": {"top": ["black shirt"], "bottom": [], '
     '"accessories": ["watch"], "hairstyle": ["short hair"], "footwear": []}}], "objects": [{"word": "guitar"}], '
-    '"background": [{"word": "street"}]}',
+    '"background": [{"word": "street"}]}'),
     "Describe each person in the video: appearance, clothing, objects, background and camera motion.",
     "box 1: [12, 30, 80, 200] box 2: [100, 28, 170, 210] null true false 0123456789",
 ]

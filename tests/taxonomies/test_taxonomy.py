@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections import defaultdict
@@ -148,7 +149,7 @@ def test_spans_are_the_caption_as_written(taxonomy):
     for m in matches:
         assert caption[m.start : m.end] == m.word
     assert [m.start for m in matches] == sorted(m.start for m in matches)
-    assert all(a.end <= b.start for a, b in zip(matches, matches[1:]))
+    assert all(a.end <= b.start for a, b in itertools.pairwise(matches))
     assert [(m.group, m.kind) for m in matches][2:] == [
         ("human", "subject"), ("vehicle", "object"), ("scene", "background"),
     ]
