@@ -52,7 +52,9 @@ def run(nodes: int, cpus: int, corpus: Path, model: Path, out: Path, kill: str |
             [sys.executable, "-m", "pipeline.cli", "curate", "run", "--config", "configs/quickstart.yaml",
              "--set", f"grounding.model.path={model}", "--input", str(corpus / "videos"),
              "--metadata", str(corpus / "metadata.jsonl"), "--output", str(out), "--address", cluster.address,
-             "--set", "ray.progress=false"],
+             "--set", "ray.progress=false",
+             # Every run a cold start: pools sized from their own warm-up, not from costs an earlier run measured.
+             "--set", "ray.profile=null"],
             cwd=REPO, env=cluster.client_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         killed: list[tuple[str | None, float]] = []  # (title, seconds since the driver started)

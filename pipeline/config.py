@@ -39,8 +39,8 @@ class StageResources(_Section):
     num_gpus: float = Field(0.0, ge=0)
     memory_gb: float = Field(0.5, ge=0)
     batch_size: int = Field(1, ge=1)
-    workers: int | None = Field(None, ge=1, description="fixed actor pool size for model stages; null = a share of "
-                                "the cluster (pipeline.pools.pool_sizes)")
+    workers: int | None = Field(None, ge=1, description="fixed actor pool size for model stages; null = sized by "
+                                "measured cost and resized during the run (pipeline.pools)")
 
 
 class InputConfig(_Section):
@@ -392,8 +392,12 @@ class RayConfig(_Section):
                                 "native libraries; null = never")
     summary_every_s: float = Field(30.0, gt=0, description="summary.json is refreshed this often during a run")
     reserve_pools: bool = Field(
-        True, description="hold each model actor pool's CPUs/GPUs in a placement group spread over the nodes, so an "
-                          "actor that dies is restarted into its own slot (pipeline.pools)")
+        True, description="hold each model actor pool's first actors' CPUs/GPUs in a placement group spread over "
+                          "the nodes, so an actor that dies is restarted into its own slot (pipeline.pools)")
+    profile: str | None = Field(
+        "auto", description="JSON file where each run keeps its stages' measured costs and memory peaks, which the "
+                            "next run with the same settings starts from (pool sizes, declared memory); auto = "
+                            "$XDG_CACHE_HOME/s2v-curate/stage-profile.json (~/.cache when unset); null = none")
 
 
 class RunConfig(_Section):

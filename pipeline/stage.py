@@ -7,6 +7,8 @@ untouched, and an unexpected exception is pinned on the record that caused it in
 from __future__ import annotations
 
 import os
+import resource
+import sys
 import threading
 import time
 import traceback
@@ -108,7 +110,7 @@ def run_stage(stage: Stage, records: list[Record], timeout_s: float | None = Non
     live = [r for r in records if r.alive]
     if not live:
         return done
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     # A failed batch may have changed some of its records before it raised, and a call that overran goes on
     # changing them on its abandoned thread: the retries start from copies taken before the call.
     before = [r.to_row() for r in live] if len(live) > 1 else []
@@ -124,11 +126,18 @@ def run_stage(stage: Stage, records: list[Record], timeout_s: float | None = Non
                     out.extend(call_with_deadline(lambda r=record: stage.process([r]), timeout_s))
                 except Exception as single:  # noqa: BLE001
                     out.append(_pin_failure(stage, record, single))
-    per_record = (time.perf_counter() - start) / max(1, len(out))
+    share = max(1, len(out))
     for record in out:
-        timings = record.meta.setdefault("timings", {})
-        timings[stage.name] = timings.get(stage.name, 0.0) + per_record
+        add_timing(record, stage.name, (time.perf_counter() - start) / share, (time.process_time() - cpu_start) / share)
     return done + out
+
+
+def add_timing(record: Record, stage: str, wall_s: float, cpu_s: float) -> None:
+    """Add what `stage` spent on `record`: wall seconds (`timings`) and this process's CPU seconds (`cpu_s`, all
+    its threads), which the pool balancer reads as the stage's cost (pipeline.pools)."""
+    for key, seconds in (("timings", wall_s), ("cpu_s", cpu_s)):
+        spent = record.meta.setdefault(key, {})
+        spent[stage] = spent.get(stage, 0.0) + seconds
 
 
 def _pin_failure(stage: Stage, record: Record, exc: Exception) -> Record:
@@ -157,7 +166,7 @@ def fan_out(stage: FanOutStage, record: Record, timeout_s: float | None = None) 
     stream = stage.stream(record, parts)
     del parts  # a part is referenced here only until it is yielded (see FanOutStage)
     while pending:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             part = call_with_deadline(lambda: next(stream, None), timeout_s)
         except Exception as exc:  # noqa: BLE001
@@ -169,8 +178,7 @@ def fan_out(stage: FanOutStage, record: Record, timeout_s: float | None = None) 
                 yield _pin_failure(stage, part, RuntimeError(f"{stage.name} did not produce this part"))
             return
         del pending[id(part)]
-        timings = part.meta.setdefault("timings", {})
-        timings[stage.name] = timings.get(stage.name, 0.0) + time.perf_counter() - start
+        add_timing(part, stage.name, time.perf_counter() - start, time.process_time() - cpu_start)
         yield part
 
 
@@ -196,11 +204,17 @@ def run_stages(stages: list[Stage], records: list[Record], timeout_s: float | No
 
 
 def limit_threads(num_cpus: float) -> None:
-    """Keep native libraries to the cores a worker was given. Ray runs one worker per core; OpenCV's default
-    pool (one thread per machine core) in every worker would oversubscribe the machine and slow all of them."""
+    """Run native libraries (OpenCV, torch) with as many threads as whole CPUs the worker owns, at least one.
+    Their defaults (one thread per machine core) in every worker would oversubscribe the machine and slow all of
+    them; an actor that owns several CPUs uses them all for its model. Call it after the stages' `setup()`: torch
+    is set only where a stage has imported it (importing it here would cost every task worker ~1 s and 300 MB)."""
     import cv2
 
-    cv2.setNumThreads(max(1, int(num_cpus)))
+    threads = max(1, int(num_cpus))
+    cv2.setNumThreads(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 class StageWorker:
@@ -217,9 +231,10 @@ class StageWorker:
         self.recycle_after = config.ray.recycle_after if self.recycle else None
         self.calls = 0
         self.stages = [cls(config) for cls in stage_classes]
-        limit_threads(max(s.resources.num_cpus for s in self.stages))
+        self.group = "+".join(s.name for s in self.stages)
         for stage in self.stages:
             stage.setup()
+        limit_threads(max(s.resources.num_cpus for s in self.stages))
         self.metrics = StageMetrics.create()
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
@@ -234,6 +249,10 @@ class StageWorker:
         observe = (lambda stage, records, stopped: self.metrics.count(stage.name, records, stopped)) if self.metrics else None
         for records in run_stages(self.stages, table_to_records(batch), self.timeout_s, observe):
             if records:
+                peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+                for record in records:
+                    # The worker's peak so far: the balancer packs pools by it and the run reports it per stage.
+                    record.meta.setdefault("peak_rss_mb", {})[self.group] = round(peak_mb, 1)
                 yield records_to_table(records)
 
 

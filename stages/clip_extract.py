@@ -81,6 +81,7 @@ class ClipExtractor(FanOutStage):
             "warnings": list(source.meta.get("warnings", [])),
             # Each clip carries its share of the source-level work, so sums over clips stay true.
             "timings": {k: v / source.clips_planned for k, v in source.meta.get("timings", {}).items()},
+            "cpu_s": {k: v / source.clips_planned for k, v in source.meta.get("cpu_s", {}).items()},
         }
         return Record(
             kind="clip",

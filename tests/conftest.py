@@ -165,3 +165,18 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
     encode_video(str(files["huge"]), moving_frames(10, width=4096, height=2304), fps=24, preset="ultrafast")
     encode_video(str(files["good"]), moving_frames(72), fps=24)
     return files
+
+
+@pytest.fixture(autouse=True, scope="session")
+def own_stage_profile(tmp_path_factory):
+    """Runs keep measured stage costs in $XDG_CACHE_HOME (ray.profile: auto): the tests' go to a folder of their own,
+    never the user's cache."""
+    import os
+
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before

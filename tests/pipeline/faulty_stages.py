@@ -65,3 +65,21 @@ class Pid(Stage):
 class PidActor(Pid):
     name = "pid_actor"
     stateful = True
+
+
+class ShiftingCost(Stage):
+    """A model stage whose cost per record changes within a run: records whose path contains 'heavy' take 0.3 s
+    of CPU (a busy loop, so the balancer's CPU-time meter sees it), the others about nothing."""
+
+    name = "shifting_cost"
+    stateful = True
+    section = "segmentation"  # resources from config.segmentation.resources
+
+    def process(self, records):
+        for record in records:
+            if "heavy" in record.source_path:
+                end = time.process_time() + 0.3
+                while time.process_time() < end:
+                    pass
+            record.meta["pid"] = os.getpid()
+        return records

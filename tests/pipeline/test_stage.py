@@ -1,10 +1,11 @@
 import threading
+import time
 
 import numpy as np
 
 from pipeline.config import build_config
 from pipeline.record import Record, records_to_table, table_to_records
-from pipeline.stage import ABANDONED, FanOutStage, Stage, run_stage, run_stages
+from pipeline.stage import ABANDONED, FanOutStage, Stage, StageWorker, run_stage, run_stages
 
 
 class Halver(Stage):
@@ -142,3 +143,44 @@ def test_a_fan_out_that_hangs_times_out_the_unfinished_parts_and_a_dead_record_p
     assert out[1].alive and [r.errors[0]["reason"] for r in out[2:]] == ["timeout", "timeout"]
     # What the abandoned call made after its deadline (once released) went nowhere.
     assert [entry for entry in log if entry.startswith("saw")] == ["saw a-0"]
+
+
+class TorchModel(Stage):
+    """A model stage that builds a torch model in setup and notes how many threads it ran with."""
+
+    name = "torch_model"
+    stateful = True
+    section = "segmentation"
+
+    def setup(self):
+        import torch
+
+        self.model = torch.nn.Linear(4, 4)
+
+    def process(self, records):
+        import torch
+
+        for r in records:
+            r.meta["threads"] = torch.get_num_threads()
+            end = time.process_time() + 0.05  # CPU time the record's cost should show
+            while time.process_time() < end:
+                pass
+        return records
+
+
+def test_a_model_worker_runs_as_many_threads_as_cpus_it_owns_and_reports_cost_and_memory():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        for cpus, threads in ((2, 2), (1, 1), (0.5, 1)):
+            config = build_config(["segmentation.resources.num_cpus=" + str(cpus)])
+            worker = StageWorker([TorchModel], config.model_dump_json())
+            record = Record(kind="clip", source_path="a.mp4", key="a")
+            [table] = list(worker(records_to_table([record])))
+            [out] = table_to_records(table)
+            assert out.meta["threads"] == threads
+            assert out.meta["cpu_s"]["torch_model"] >= 0.05  # the busy loop's CPU time, measured
+            assert out.meta["peak_rss_mb"]["torch_model"] > 50  # this process's peak, torch loaded
+    finally:
+        torch.set_num_threads(before)
