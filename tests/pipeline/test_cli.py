@@ -153,16 +153,19 @@ def test_every_bad_input_is_recorded_and_the_good_one_curated(curated, inputs):
         assert by_file[name]["reason"] == reason and by_file[name]["stage"] == "probe", by_file.get(name)
         assert by_file[name]["message"]
     # The good file is curated: its clips were cut and judged. It has no caption, so no entity to take a
-    # reference from, and consolidation drops its clips for that reason (not as a bad input).
+    # reference from, and consolidation drops its clips for that reason (not as a bad input). good_copy.mp4 has the
+    # same bytes: whichever of the two finished first is curated, the other is recorded as its duplicate.
     state = Ledger(curated).read()
-    good = next(e for e in state.sources.values() if Path(e["path"]).stem == "good")
+    [good] = [e for e in state.sources.values() if Path(e["path"]).stem in ("good", "good_copy")]
+    [duplicate] = state.duplicates.values()
+    assert {Path(good["path"]).name, Path(duplicate["path"]).name} == {"good.mp4", "good_copy.mp4"}
     assert good["status"] == "curated" and good["clips"]
     assert {(c["stage"], c["reason"]) for c in good["clips"]} <= {("consolidation", "no_valid_entity"),
                                                                    ("quality_filter", "blurry")}, good["clips"]
     summary = json.loads((curated / "summary.json").read_text())
     probe_step = next(s for s in summary["funnel"] if s["stage"] == "probe")
     assert sum(probe_step["removed"].values()) == len(expected)
-    assert summary["duplicates"] == 1  # good_copy.mp4 has the same content as good.mp4: curated once
+    assert summary["duplicates"] == 1  # good.mp4 and good_copy.mp4 have the same content: curated once
 
 
 def test_summary_funnel_adds_up(curated):

@@ -174,7 +174,7 @@ def test_a_model_worker_runs_as_many_threads_as_cpus_it_owns_and_reports_cost_an
     before = torch.get_num_threads()
     try:
         for cpus, threads in ((2, 2), (1, 1), (0.5, 1)):
-            config = build_config(["segmentation.resources.num_cpus=" + str(cpus)])
+            config = build_config(overrides=[f"segmentation.resources.num_cpus={cpus}"])
             worker = StageWorker([TorchModel], config.model_dump_json())
             record = Record(kind="clip", source_path="a.mp4", key="a")
             [table] = list(worker(records_to_table([record])))
