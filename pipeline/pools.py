@@ -190,10 +190,11 @@ class CostMeter:
                     for stage, (cpu, wall) in self.totals.items()}
 
     def cost(self, stages: list[str], wall: bool = False) -> float | None:
-        """Seconds per item of the flow that `stages` take together (wall seconds or CPU seconds); None while any
-        of them has been measured on fewer than WARMUP_ITEMS records."""
+        """Seconds per item of the flow that `stages` take together (wall seconds or CPU seconds); None until one
+        of them has been measured on WARMUP_ITEMS records. (A stage few records reach, after a strict filter, must
+        not hold the warm-up back: it counts zero for the records that never reached it anyway.)"""
         with self.lock:
-            if not self.recent or any(self.seen.get(s, 0) < WARMUP_ITEMS for s in stages):
+            if not self.recent or all(self.seen.get(s, 0) < WARMUP_ITEMS for s in stages):
                 return None
             index = 1 if wall else 0
             return sum(spent[index].get(s, 0.0) for spent in self.recent for s in stages) / len(self.recent)
@@ -219,9 +220,11 @@ class StageProfile:
                 self.say(f"stage profile {self.path} ignored: {exc}")
 
     def cost(self, stages: list[str], wall: bool = False) -> float | None:
+        """What `stages` cost per item together in the run recorded; None if it measured none of them."""
         costs = self.entry.get("costs", {})
+        known = [costs[s] for s in stages if isinstance(costs.get(s), dict)]
         try:
-            return sum(float(costs[s]["wall_s" if wall else "cpu_s"]) for s in stages) if stages else None
+            return sum(float(c["wall_s" if wall else "cpu_s"]) for c in known) if known else None
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -296,30 +299,34 @@ class PoolBalancer:
         # as an operator has finished a few rows, long before the first record has passed the whole flow.
         self.op_costs: dict[str, float] = {}
 
-    def cost(self, groups: dict[str, list[str]], wall: bool = False) -> float | None:
-        """What the operators `groups` ({name: stages}) cost per item together: measured on returned records once
-        warmed up; before that from Ray Data's operator metrics; before that what the profile knows; else None."""
-        if not groups:
-            return 0.0  # no such operators: they cost nothing
-        stages = [stage for names in groups.values() for stage in names]
-        for source in (lambda: self.meter.cost(stages, wall),
-                       lambda: sum(self.op_costs[g] for g in groups) if all(g in self.op_costs for g in groups) else None,
-                       lambda: self.profile.cost(stages, wall) if self.profile else None):
-            cost = source()
-            if cost is not None:
-                return cost
-        return None
+    def costs(self) -> dict[str, float | None]:
+        """Cost per item of every operator (pools and task operators, by name), all from one source so that they
+        compare: measured on returned records once every stage has warmed up; before that Ray Data's operator
+        metrics (wall seconds, once every operator has finished a few rows); before that what the profile knows;
+        else None for all (the guess). Mixing sources (a pool's inflated wall time against the tasks' CPU time)
+        made the plan swing between 1 and 4 actors in one run."""
+        groups = {name: pool.stages for name, pool in self.pools.items()} | self.task_groups
+        gpu = {name for name, pool in self.pools.items() if pool.demand.num_gpus > 0}
+        sources = [lambda name, stages: self.meter.cost(stages, wall=name in gpu),
+                   lambda name, stages: self.op_costs.get(name)]
+        if self.profile is not None:
+            sources.append(lambda name, stages: self.profile.cost(stages, wall=name in gpu))
+        for source in sources:
+            costs = {name: source(name, stages) for name, stages in groups.items()}
+            if all(cost is not None for cost in costs.values()):
+                return costs
+        return dict.fromkeys(groups)
 
-    def demands(self) -> list[PoolDemand]:
-        out = []
-        for name, pool in self.pools.items():
-            d = pool.demand
-            cost = self.cost({name: pool.stages}, wall=d.num_gpus > 0)
-            out.append(PoolDemand(d.name, cost, d.num_cpus, d.num_gpus, d.memory, d.workers))
-        return out
+    def demands(self, costs: dict[str, float | None] | None = None) -> list[PoolDemand]:
+        costs = self.costs() if costs is None else costs
+        return [PoolDemand(d.name, costs[name], d.num_cpus, d.num_gpus, d.memory, d.workers)
+                for name, d in ((name, pool.demand) for name, pool in self.pools.items())]
 
     def plan(self) -> dict[str, PoolPlan]:
-        return plan_pools(self.demands(), self.capacity, self.cost(self.task_groups))
+        costs = self.costs()
+        tasks = [costs[name] for name in self.task_groups]
+        task_cost = sum(tasks) if all(c is not None for c in tasks) else None
+        return plan_pools(self.demands(costs), self.capacity, task_cost)
 
     def replan(self, now: float | None = None) -> None:
         """Re-plan at most every `replan_s`. A pool grows at once; it shrinks once the smaller plan has held for

@@ -194,3 +194,24 @@ def test_a_run_whose_costs_change_midway_resizes_its_pool_and_keeps_every_record
     assert fixed.resizes == []
     assert sorted(r.key for r in out) == sorted(r.key for r in clean) == [f"k{i:02d}" for i in range(30)]
     assert all(r.alive for r in out)
+
+
+def test_costs_come_from_one_source_for_every_operator():
+    # Segmentation's wall time per row from Ray Data's metrics is known, the tasks' is not yet, while the records
+    # already give CPU seconds for the tasks only: no source knows every operator, so the plan is the guess, never
+    # the pool's inflated wall time weighed against the tasks' CPU time.
+    meter = CostMeter(window=8)
+    pool = Pool(PoolDemand("segmentation", None, 1.0), ["segmentation"], ceiling=2, target=1)
+    balancer = PoolBalancer({"segmentation": pool}, {"decode": ["decode"]}, {"CPU": 2.0}, meter)
+    balancer.op_costs["segmentation"] = 27.0
+    for _ in range(3):
+        meter.observe({"cpu_s": {"decode": 1.0}})
+    assert balancer.costs() == {"segmentation": None, "decode": None}
+    # Both operators' metrics known: both from there.
+    balancer.op_costs["decode"] = 9.0
+    assert balancer.costs() == {"segmentation": 27.0, "decode": 9.0}
+    # Records measured for both: those win.
+    for _ in range(3):
+        meter.observe({"cpu_s": {"decode": 1.0, "segmentation": 3.0}})
+    assert balancer.costs() == {"segmentation": 1.5, "decode": 1.0}  # segmentation: 3 s on half the records
+    assert balancer.plan()["segmentation"].size == 2  # 1.5 of 2.5 s: 1.2 of 2 CPUs, rounded up
