@@ -210,8 +210,12 @@ def test_costs_come_from_one_source_for_every_operator():
     # Both operators' metrics known: both from there.
     balancer.op_costs["decode"] = 9.0
     assert balancer.costs() == {"segmentation": 27.0, "decode": 9.0}
+    # A task operator after the pool has no rows yet: it counts as free until it has.
+    balancer.task_groups["faces"] = ["faces"]
+    assert balancer.costs() == {"segmentation": 27.0, "decode": 9.0, "faces": 0.0}
     # Records measured for both: those win.
     for _ in range(3):
         meter.observe({"cpu_s": {"decode": 1.0, "segmentation": 3.0}})
+    del balancer.task_groups["faces"]
     assert balancer.costs() == {"segmentation": 1.5, "decode": 1.0}  # segmentation: 3 s on half the records
     assert balancer.plan()["segmentation"].size == 2  # 1.5 of 2.5 s: 1.2 of 2 CPUs, rounded up
