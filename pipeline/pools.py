@@ -325,8 +325,8 @@ class PoolBalancer:
 
     def demands(self, costs: dict[str, float | None] | None = None) -> list[PoolDemand]:
         costs = self.costs() if costs is None else costs
-        return [PoolDemand(d.name, costs[name], d.num_cpus, d.num_gpus, d.memory, d.workers)
-                for name, d in ((name, pool.demand) for name, pool in self.pools.items())]
+        return [PoolDemand(p.demand.name, costs[name], p.demand.num_cpus, p.demand.num_gpus, p.demand.memory,
+                           p.demand.workers) for name, p in self.pools.items()]
 
     def plan(self) -> dict[str, PoolPlan]:
         costs = self.costs()
