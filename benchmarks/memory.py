@@ -4,9 +4,9 @@ Generates (once, cached in --dir) a 1-minute and a 10-minute 1920x1080 24 fps H.
 photo (scikit-image's bundled photos), with a hard cut to another photo every 8 s, so the shot detector finds
 shots and the flow cuts clips all the way through, and a metadata file with a caption per shot, so every stage of
 the flow (references, inpainting, shard writing) has work. Each run is `s2v curate run --sequential` in a fresh Python
-process (`pipeline.runner.curate(..., sequential=True)`: every stage of --config, then assembly and shard writing,
+process (`pipeline.run.runner.curate(..., sequential=True)`: every stage of --config, then assembly and shard writing,
 in that one process), and its peak RSS is the child's own `ru_maxrss`; so is a bare decode of every frame at full
-size (`pipeline.video.iter_frames`), for comparison. Then `input.limits` with a limit below
+size (`pipeline.core.video.iter_frames`), for comparison. Then `input.limits` with a limit below
 1080p: the 10-minute input with `on_exceed: reject`, and the 1-minute one with `on_exceed: downscale`.
 Prints one JSON object on its last line:
   {"decode_only": {...}, "peak_rss_mb_1min", "peak_rss_mb_10min", "rss_ratio_10min_vs_1min", "wall_s_1min", "wall_s_10min",
@@ -91,7 +91,7 @@ def metadata_line(video: Path, seconds: int) -> dict:
 
 def test_video(folder: Path, seconds: int) -> tuple[Path, float]:
     """The cached video of `seconds` (generated when missing) and the seconds its generation took (0 if cached)."""
-    from pipeline.video import encode_video
+    from pipeline.core.video import encode_video
 
     path = folder / f"pan-{WIDTH}x{HEIGHT}-{FPS}fps-{seconds}s.mp4"
     if path.is_file():
@@ -109,8 +109,8 @@ def child(video: str, config_path: str, out: str, overrides: list[str]) -> None:
     """One sequential curation in this process; prints its counts, wall time and peak RSS as JSON."""
     from rich.console import Console
 
-    from pipeline.config import load_config
-    from pipeline.runner import curate
+    from pipeline.core.config import load_config
+    from pipeline.run.runner import curate
 
     config = load_config(config_path, overrides)
     config.input.paths = [video]
@@ -160,7 +160,7 @@ class RssSampler:
 
 def child_decode(video: str) -> None:
     """Every frame of `video` at full size through `iter_frames`, nothing kept; prints frames, wall and peak RSS."""
-    from pipeline.video import iter_frames
+    from pipeline.core.video import iter_frames
 
     start = time.perf_counter()
     count = sum(1 for _ in iter_frames(video))

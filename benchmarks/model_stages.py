@@ -14,7 +14,6 @@ The saliency row needs `s2v models fetch u2netp --dir models` first (it is skipp
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import tempfile
 import time
@@ -25,9 +24,10 @@ import numpy as np
 import torch
 from skimage import data
 
-from pipeline.config import build_config
-from pipeline.record import Record
-from pipeline.stage import run_stage
+from pipeline.core.config import build_config
+from pipeline.core.record import Record
+from pipeline.core.stage import run_stage
+from pipeline.testing.tiny_models import build_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTION = "A smiling woman in an orange spacesuit holds a cup of coffee next to a tabby cat on a brick wall."
@@ -43,14 +43,6 @@ def clip_records(count: int) -> list[Record]:
         record.meta["caption"] = {"text": CAPTION, "source": "metadata"}
         records.append(record)
     return records
-
-
-def tiny_models(root: Path) -> dict[str, Path]:
-    """The tiny models the tests use (tests/tiny_models.py, loaded by path: tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("tiny_models", REPO / "tests" / "tiny_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_tiny_models(root)
 
 
 def measure(stage_cls, overrides: list[str], records: list[Record], batch: int) -> float:
@@ -80,7 +72,7 @@ def main():
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        models = tiny_models(Path(tmp))
+        models = build_tiny_models(Path(tmp))
         plan = [
             ("entities", EntityExtractor, [], "taxonomy (real)"),
             ("faces", FaceDetector, [], "dlib HOG + ResNet-128 (real weights)"),

@@ -27,10 +27,10 @@ import psutil
 import ray
 from rich.console import Console
 
-from pipeline.config import load_config
-from pipeline.demo_data import build_demo_corpus
-from pipeline.ledger import Ledger
-from pipeline.runner import connect_ray, curate
+from pipeline.core.config import load_config
+from pipeline.run.runner import connect_ray, curate
+from pipeline.sources.demo_data import build_demo_corpus
+from pipeline.store.ledger import Ledger
 
 REPO = Path(__file__).resolve().parents[1]
 

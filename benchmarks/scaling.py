@@ -1,5 +1,5 @@
 """Scaling and recovery on a real Ray cluster: the quickstart recipe over a demo corpus on one loopback node, on
-two, and on two with one worker process killed mid-job (pipeline.loopback).
+two, and on two with one worker process killed mid-job (pipeline.testing.loopback).
 
 - clips_per_s_1node / clips_per_s_2nodes: clips out of the clip-extraction stage per second of the job (the run
   line of the ledger: from the driver's start to its last commit, cluster start-up excluded).
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.loopback import ACTOR_WORKER, TASK_WORKER, LoopbackCluster, kill_busy_worker
+from pipeline.testing.loopback import ACTOR_WORKER, TASK_WORKER, LoopbackCluster, kill_busy_worker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,11 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 def prepare(work: Path, videos: int) -> tuple[Path, Path]:
     corpus = work / f"demo{videos}"
     if not (corpus / "metadata.jsonl").exists():
-        subprocess.run([sys.executable, "-m", "pipeline.cli", "demo-data", str(corpus), "--videos", str(videos)],
+        subprocess.run([sys.executable, "-m", "pipeline.cli.main", "demo-data", str(corpus), "--videos", str(videos)],
                        check=True, cwd=REPO)
     model = REPO / "models" / "u2netp"
     if not model.exists():
-        subprocess.run([sys.executable, "-m", "pipeline.cli", "models", "fetch", "u2netp", "--dir", "models"],
+        subprocess.run([sys.executable, "-m", "pipeline.cli.main", "models", "fetch", "u2netp", "--dir", "models"],
                        check=True, cwd=REPO)
     return corpus, model
 
@@ -49,7 +49,7 @@ def run(nodes: int, cpus: int, corpus: Path, model: Path, out: Path, kill: str |
     shutil.rmtree(out, ignore_errors=True)
     with LoopbackCluster(nodes=nodes, cpus_per_node=cpus, pin_cores=True, object_store_mb=500) as cluster:
         driver = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "curate", "run", "--config", "configs/quickstart.yaml",
+            [sys.executable, "-m", "pipeline.cli.main", "curate", "run", "--config", "configs/quickstart.yaml",
              "--set", f"grounding.model.path={model}", "--input", str(corpus / "videos"),
              "--metadata", str(corpus / "metadata.jsonl"), "--output", str(out), "--address", cluster.address,
              "--set", "ray.progress=false",

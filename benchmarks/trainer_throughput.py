@@ -21,7 +21,6 @@ samples in the same format (real H.264 clips of 40 frames, 0-3 references and a 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import statistics
@@ -32,20 +31,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline.testing.synthetic_shards import write_synthetic_shards
 from trainer.config import load_train_config
 from trainer.data import make_loader
 from trainer.model import DiT
 from trainer.train import Trainer, Window, dit_inputs, encode_batch, sample_t, step_generator
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def synthetic_shards(root: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("synthetic", REPO / "tests" / "trainer" / "synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.write_synthetic_shards(root, 24, max_refs=3, frames=40)
-    return root
 
 
 def loader_rate(cfg, batches: int) -> float:
@@ -104,7 +96,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         quickstart = REPO / "out" / "shards"
         shards = args.shards or (str(quickstart) if quickstart.is_dir() and not args.synthetic else None)
-        shards = shards or str(synthetic_shards(Path(tmp) / "shards"))
+        if not shards:
+            write_synthetic_shards(Path(tmp) / "shards", 24, max_refs=3, frames=40)
+            shards = str(Path(tmp) / "shards")
         # One micro-batch per step: the plain loop has no accumulation to compare against.
         cfg = load_train_config(args.config, [*args.overrides, f"out_dir={tmp}/run", "optim.grad_accum=1"],
                                 shards=shards)

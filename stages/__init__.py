@@ -76,8 +76,8 @@ def preflight(config) -> None:
     every worker failing the same way. Only locates files; loading happens once per worker in `setup()`."""
     import yaml
 
-    from pipeline.config import ConfigError
-    from pipeline.models import ModelUnavailable, resolve_model_dir
+    from pipeline.core.config import ConfigError
+    from pipeline.models.loader import ModelUnavailable, resolve_model_dir
     from taxonomies.matcher import Taxonomy
 
     problems = []

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from pipeline.inputs import caption_for_span
-from pipeline.record import Record
-from pipeline.stage import FanOutStage
-from pipeline.video import ClipEncoder, VideoError, fit_size, iter_frames
+from pipeline.core.record import Record
+from pipeline.core.stage import FanOutStage
+from pipeline.core.video import ClipEncoder, VideoError, fit_size, iter_frames
+from pipeline.sources.inputs import caption_for_span
 
 # Fixed namespace so clip ids are the same on every machine and every run.
 CLIP_NAMESPACE = uuid.UUID("6f1c3a52-8d0e-4b6f-9a57-2f0c1e4d9b13")

@@ -19,23 +19,16 @@ view per entity for now). A clip with no such entity is dropped: `consolidation`
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import random
 
 import cv2
 import numpy as np
 
-from pipeline.record import Record
-from pipeline.stage import Stage
+from pipeline.core.record import Record, clip_rng
+from pipeline.core.stage import Stage
 
 MAX_NODES = 12  # cliques are found by trying subsets; an entity rarely has more than a few instances
-
-
-def clip_rng(seed: int, key: str, salt: str = "") -> random.Random:
-    """A random generator that depends only on the seed and the clip (and an optional salt), not on the run."""
-    digest = hashlib.sha256(f"{seed}:{key}:{salt}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
 
 
 def appearance(hsv: np.ndarray, mask: np.ndarray | None, box: list[int]) -> np.ndarray:

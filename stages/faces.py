@@ -5,7 +5,7 @@ Two backends write the same record format:
 - `dlib` (default; its real weights ship in the `face_recognition_models` package, so it runs offline anywhere):
   HOG frontal-face detector, 68-point landmarks, ResNet face descriptor (128-d).
 - `insightface`: a buffalo_l-style directory (SCRFD detector with 5 keypoints + ArcFace recognizer, 512-d),
-  loaded from config through `pipeline.models.resolve_model_dir`, as OpenS2V-Nexus and Kaleido use it.
+  loaded from config through `pipeline.models.loader.resolve_model_dir`, as OpenS2V-Nexus and Kaleido use it.
 
 Stats first: score, size and pose are stored for every kept face; `frontal` is the only decision taken here and
 it reads only the stored yaw/pitch and `faces.max_yaw` / `faces.max_pitch`.
@@ -22,11 +22,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.boxes import box_iou, clip_box
-from pipeline.config import RunConfig
-from pipeline.models import ModelUnavailable, resolve_model_dir
-from pipeline.record import Record
-from pipeline.stage import Stage
+from pipeline.core.boxes import box_iou, clip_box
+from pipeline.core.config import RunConfig
+from pipeline.core.record import Record
+from pipeline.core.stage import Stage
+from pipeline.models.loader import ModelUnavailable, resolve_model_dir
 
 # Landmark order for both backends (insightface's and ArcFace's 5-point order), in image terms for a face that
 # looks at the camera: the eye on the image's left (the subject's right eye), the eye on the image's right, the nose

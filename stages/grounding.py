@@ -23,13 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.boxes import clip_box
-from pipeline.models import load_pretrained, load_processor
-from pipeline.record import Record
-from pipeline.stage import Stage
+from pipeline.core.boxes import clip_box
+from pipeline.core.names import GROUNDED_KINDS, PERSON
+from pipeline.core.record import Record
+from pipeline.core.stage import Stage
+from pipeline.models.loader import load_pretrained, load_processor
 
-PERSON = "person"
-GROUNDED_KINDS = ("subject", "object")
 GROUNDED_PARTS = ("top", "bottom", "accessories", "hairstyle", "footwear")
 # Characters that would split or end a phrase in a Grounding DINO prompt ("." and "?" are its delimiter tokens).
 _DELIMITERS = re.compile(r"[.?]+")

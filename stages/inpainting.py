@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from pipeline.config import InpaintConfig, RunConfig
-from pipeline.models import ModelUnavailable, load_pipeline, torch_device
-from pipeline.record import Record
-from pipeline.stage import Stage
+from pipeline.core.config import InpaintConfig, RunConfig
+from pipeline.core.record import Record
+from pipeline.core.stage import Stage
+from pipeline.models.loader import ModelUnavailable, load_pipeline, torch_device
 
 # Telea works on the whole hole at once and its cost grows with the hole's pixel count; at 512 px a 640x360 plate
 # with a large mask fills in a few hundredths of a second, and Telea's smooth output loses nothing by the upscale.

@@ -15,10 +15,10 @@ from collections import Counter
 import cv2
 import numpy as np
 
-from pipeline.boxes import box_iou
-from pipeline.config import InstanceFilterConfig
-from pipeline.record import Record
-from pipeline.stage import Stage
+from pipeline.core.boxes import box_iou
+from pipeline.core.config import InstanceFilterConfig
+from pipeline.core.record import Record
+from pipeline.core.stage import Stage
 
 PERSON = "person"
 

@@ -27,20 +27,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.config import MetricsConfig, RunConfig
-from pipeline.models import ModelSpec, ModelUnavailable, load_pretrained, load_processor
-from pipeline.record import Record
-from pipeline.stage import Stage
+from pipeline.core.config import MetricsConfig, ModelSpec, RunConfig, config_face_thresholds
+from pipeline.core.record import Record
+from pipeline.core.stage import Stage
+from pipeline.models.loader import ModelUnavailable, load_pretrained, load_processor
 
-# Default face thresholds per backend: the two embeddings live on different cosine scales.
-# - dlib's ResNet descriptor: its own same-person rule is euclidean distance < 0.6 between raw descriptors, whose
-#   norm is ~1.3-1.5 (1.46 on skimage's astronaut), so on the unit vectors the faces stage stores that boundary is
-#   cosine ~0.91 (1 - 0.6^2 / (2 * 1.4^2)): below 0.90 dlib would call it another person (the astronaut against the
-#   cameraman: 0.84). A photo against its own mirror image scores 0.99, so 0.98 marks a near copy.
-# - ArcFace (insightface): different people sit near 0-0.2, the same person across photos ~0.5-0.8; 0.30 is the
-#   usual verification boundary, and 0.95 is near-duplicate territory.
-FACE_THRESHOLDS = {"dlib": {"copy_paste": 0.98, "mismatch": 0.90},
-                   "insightface": {"copy_paste": 0.95, "mismatch": 0.30}}
 GREY = 127.5  # what a transparent pixel becomes in the trainer's loader (trainer/data.py letterbox)
 # HSV histogram: hue carries most of a scene's identity, value separates a grey studio from a grey moon.
 HSV_BINS = [16, 4, 4]
@@ -51,17 +42,6 @@ DINO_TYPES = ("dinov2", "dinov2_with_registers")
 # reference, the face also by its highest (copy-paste), the background by its most coupled (highest).
 SUMMARIES = {"face_cosine": ("min", "mean", "max"), "clip_i": ("min", "mean"), "dino_i": ("min", "mean"),
              "background_similarity": ("mean", "max")}
-
-
-def face_thresholds(copy_paste: float | None, mismatch: float | None, backend: str) -> dict[str, float]:
-    """The face flag thresholds in force: the configured ones, else the backend's defaults."""
-    default = FACE_THRESHOLDS.get(backend, FACE_THRESHOLDS["dlib"])
-    return {"copy_paste": default["copy_paste"] if copy_paste is None else float(copy_paste),
-            "mismatch": default["mismatch"] if mismatch is None else float(mismatch)}
-
-
-def config_face_thresholds(config: RunConfig) -> dict[str, float]:
-    return face_thresholds(config.metrics.face_copy_paste, config.metrics.face_mismatch, config.faces.backend)
 
 
 def mean_cosine(vector, rows) -> float | None:
@@ -200,7 +180,7 @@ class SampleMetrics(Stage):
                                        f"needs DINOv2 ({', '.join(DINO_TYPES)})")
             self.dino_processor = load_processor(AutoImageProcessor, spec, role)
         if self.clip_background and self.clip is None:
-            from stages.clip_score import ClipScorer
+            from pipeline.models.clip import ClipScorer
 
             self.clip = ClipScorer.from_spec(self._on_granted_device(self.config.clip_score.model), role=self.name)
 

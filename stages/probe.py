@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
-from pipeline.inputs import path_id
-from pipeline.record import Record
-from pipeline.stage import Stage
-from pipeline.video import VideoError, probe
+from pipeline.core.names import path_id
+from pipeline.core.record import Record
+from pipeline.core.stage import Stage
+from pipeline.core.video import VideoError, probe
 
 
 def content_id(path: str, chunk: int = 1 << 20) -> str:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from pipeline.config import QualityFilterConfig
-from pipeline.record import Record
-from pipeline.stage import Stage
+from pipeline.core.config import QualityFilterConfig
+from pipeline.core.record import Record
+from pipeline.core.stage import Stage
 
 
 def quality_stats(keyframes: np.ndarray) -> dict:

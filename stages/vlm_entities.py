@@ -40,10 +40,10 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.record import Record
-from pipeline.stage import Stage
-from stages.captioning import QwenVL, load_prompt
-from stages.entities import extract_entities
+from pipeline.core.record import Record
+from pipeline.core.stage import Stage
+from pipeline.models.qwen_vl import QwenVL, load_prompt
+from taxonomies.entities import extract_entities
 
 ATTRIBUTE_KEYS = ("top", "bottom", "accessories", "hairstyle", "footwear")
 PERSON_LABEL = "person"

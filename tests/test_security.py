@@ -15,16 +15,14 @@ import pytest
 from click.testing import CliRunner
 from pydantic import BaseModel
 
-from pipeline.cli import main
-from pipeline.config import build_config, load_config
-from pipeline.contact_sheet import ContactSheetError, find_sample
-from pipeline.inputs import load_metadata, source_records
-from pipeline.ledger import Ledger
-from pipeline.models import ModelSpec
-from pipeline.names import UnsafeName, check_key, check_part, shard_path, split_member
-from pipeline.shard_writer import read_shard_samples
-from pipeline.verify import verify
-from tests.conftest import load_by_path
+from pipeline.cli.main import main
+from pipeline.core.config import ModelSpec, build_config, load_config
+from pipeline.core.names import UnsafeName, check_key, check_part, shard_path, split_member
+from pipeline.inspection.contact_sheet import ContactSheetError, find_sample
+from pipeline.inspection.verify import verify
+from pipeline.sources.inputs import load_metadata, source_records
+from pipeline.store.ledger import Ledger
+from pipeline.store.shards import read_shard_samples
 from trainer.data import DataConfig, make_loader, resolve_shards
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -239,7 +237,7 @@ def test_a_ledger_line_cannot_make_recovery_delete_outside_shards(tmp_path):
 
 
 def test_the_trainer_skips_samples_with_path_keys_or_path_references(tmp_path, caplog):
-    synthetic = load_by_path(ROOT / "tests" / "trainer" / "synthetic.py")
+    from pipeline.testing import synthetic_shards as synthetic
     good = synthetic.synthetic_sample(1, 1, 0, 20, (96, 64))
     members = {f"{good['__key__']}.{ext}": data for ext, data in good.items() if not ext.startswith("__")}
     # A sample whose key is a path (it would name an embedding-cache file outside the cache directory).

@@ -1,4 +1,4 @@
-"""`s2v train` and `s2v sample`: click commands, registered on the `s2v` group by pipeline/cli.py.
+"""`s2v train` and `s2v sample`: click commands, registered on the `s2v` group by pipeline/cli/main.py.
 
 torch is imported inside the commands, so `s2v --help` stays fast.
 """
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import click
 
+from pipeline.core.errors import UserFacingError, user_errors
 
-class TrainError(click.ClickException):
-    """A problem the user can fix; printed without a traceback, exit code 2."""
 
-    exit_code = 2
+class TrainError(UserFacingError):
+    """A problem the user can fix; printed without a traceback, exit code 2 (`user_errors`)."""
 
 
 def _check_shards(shards: str | None) -> None:
@@ -33,7 +33,8 @@ def _check_encoder(name: str, spec: str) -> None:
     """A model path that is neither `tiny`, a local directory nor a hub id in the local cache fails here."""
     if spec == "tiny":
         return
-    from pipeline.models import ModelSpec, ModelUnavailable, resolve_model_dir
+    from pipeline.core.config import ModelSpec
+    from pipeline.models.loader import ModelUnavailable, resolve_model_dir
 
     try:
         resolve_model_dir(ModelSpec(path=spec), role=name)
@@ -48,6 +49,7 @@ def _check_encoder(name: str, spec: str) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. optim.lr=3e-4.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from the newest checkpoint in the run directory.")
+@user_errors
 def train(config_path, shards, out_dir, overrides, resume):
     """Train the S2V DiT with flow matching straight from curated shards.
 
@@ -55,7 +57,7 @@ def train(config_path, shards, out_dir, overrides, resume):
     Writes OUT/config.yaml, OUT/metrics.jsonl and OUT/checkpoints/step-NNNNNNN/.
     Multi-GPU: torchrun --nproc_per_node 8 -m trainer.cli --config ... --set dist.mode=fsdp2
     """
-    from pipeline.config import ConfigError
+    from pipeline.core.config import ConfigError
     from trainer.config import load_train_config
 
     _check_shards(shards)
@@ -94,6 +96,7 @@ def train(config_path, shards, out_dir, overrides, resume):
 @click.option("--out", "out_path", default="preview.mp4", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--steps", type=int, help="Euler steps (default: the run's sample.steps).")
 @click.option("--seed", type=int, help="Noise seed (default: the run's sample.seed).")
+@user_errors
 def sample(checkpoint, shards, key, out_path, steps, seed):
     """Write a preview mp4 sampled with the EMA weights of CHECKPOINT."""
     _check_shards(shards)

@@ -1,7 +1,7 @@
 """Typed trainer configuration: `configs/train-*.yaml` validated into small pydantic sections, `--set` overrides.
 
 Defaults train the tiny model on CPU. Errors name the key and, for closed choices, the allowed values; the YAML and
-override handling is the pipeline's (`pipeline.config`), so both commands read recipes the same way.
+override handling is the pipeline's (`pipeline.core.config`), so both commands read recipes the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.config import ConfigError, _format_error, _set_path, parse_override, read_recipe
+from pipeline.core.config import ConfigError, _format_error, _set_path, parse_override, read_recipe
 from trainer.data import DataConfig
 
 POSITION_SCHEMES = ("phantom", "kaleido", "ts-rope", "lumosx")

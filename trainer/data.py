@@ -51,8 +51,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.names import UnsafeName, check_key, shard_path
-from pipeline.video import VideoError, probe, read_frames
+from pipeline.core.names import UnsafeName, check_key, shard_path
+from pipeline.core.video import VideoError, probe, read_frames
 
 log = logging.getLogger(__name__)
 

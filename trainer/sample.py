@@ -79,7 +79,7 @@ def pick_sample(cfg: TrainConfig, shards: str | None, key: str | None) -> dict:
 
 def write_preview(video: torch.Tensor, path: Path, fps: float) -> int:
     """Write video [3, F, H, W] in [-1, 1] as an H.264 mp4 (even sizes, as yuv420p needs); returns frames written."""
-    from pipeline.video import encode_video
+    from pipeline.core.video import encode_video
 
     frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
     height, width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2

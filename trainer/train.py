@@ -388,7 +388,8 @@ def dit_inputs(inputs: dict) -> dict:
 def build_encoders(cfg: TrainConfig, out: Path, device: torch.device, is_main: bool, log) -> tuple:
     """The frozen VAE and text encoder, from their paths; `tiny` builds random tiny ones into out/encoders once
     (a resumed run reuses them, so its latents are the same)."""
-    from pipeline.models import ModelSpec, resolve_model_dir
+    from pipeline.core.config import ModelSpec
+    from pipeline.models.loader import resolve_model_dir
     from trainer.encoders import TextEncoder, VideoVAE, build_tiny_text_encoder, build_tiny_vae
 
     paths = {}

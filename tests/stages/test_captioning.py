@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 from skimage import data
 
-from pipeline.config import build_config
-from pipeline.record import Record
-from pipeline.stage import run_stage
+from pipeline.core.config import build_config
+from pipeline.core.record import Record
+from pipeline.core.stage import run_stage
 from stages.captioning import Captioner
 
 MAX_NEW_TOKENS = 12

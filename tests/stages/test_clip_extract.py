@@ -3,10 +3,10 @@ import weakref
 
 import numpy as np
 
-from pipeline.config import build_config
-from pipeline.inputs import source_records
-from pipeline.stage import run_stage, run_stages
-from pipeline.video import iter_frames, probe
+from pipeline.core.config import build_config
+from pipeline.core.stage import run_stage, run_stages
+from pipeline.core.video import iter_frames, probe
+from pipeline.sources.inputs import source_records
 from stages import ClipExtractor, Prober, ShotCutter
 from stages.clip_extract import clip_key, output_frame_sources
 
@@ -52,7 +52,7 @@ def test_clips_are_cut_transcoded_and_keyframed(demo_corpus, tmp_path):
 
 
 def test_captions_come_from_the_metadata_shot_that_covers_the_clip(demo_corpus):
-    from pipeline.inputs import load_metadata
+    from pipeline.sources.inputs import load_metadata
 
     metadata = load_metadata(str(demo_corpus / "metadata.jsonl"))
     video = min((demo_corpus / "videos").glob("*.mp4"))

@@ -14,18 +14,14 @@ import torch
 from safetensors.torch import save_file
 from skimage import data
 
-from pipeline.config import build_config
-from pipeline.models import ModelSpec, ModelUnavailable
-from pipeline.record import Record
-from pipeline.stage import run_stage
-from stages.clip_score import ClipScore, ClipScorer
+from pipeline.core.config import ModelSpec, build_config
+from pipeline.core.record import Record
+from pipeline.core.stage import run_stage
+from pipeline.models.clip import ClipScorer
+from pipeline.models.loader import ModelUnavailable
+from pipeline.testing.tiny_models import TINY_CLIP
+from stages.clip_score import ClipScore
 
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
-    # vocab 49408 and context 77: what open_clip's bundled BPE tokenizer produces.
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
 CATEGORIES = ["person", "cat", "cup", "rocket"]
 
 

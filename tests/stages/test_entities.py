@@ -1,9 +1,10 @@
 import json
 
-from pipeline.config import build_config
-from pipeline.record import Record
-from pipeline.stage import run_stage
-from stages.entities import EntityExtractor, extract_entities
+from pipeline.core.config import build_config
+from pipeline.core.record import Record
+from pipeline.core.stage import run_stage
+from stages.entities import EntityExtractor
+from taxonomies.entities import extract_entities
 from taxonomies.matcher import Taxonomy
 
 

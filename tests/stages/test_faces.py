@@ -7,18 +7,17 @@ these exact inputs (skimage photos letterboxed into 640x360 keyframes, the defau
 
 import math
 
-import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from skimage import data
 from torch import nn
 
-from pipeline.config import build_config
-from pipeline.models import ModelUnavailable
-from pipeline.record import Record
-from pipeline.stage import run_stage
+from pipeline.core.config import build_config
+from pipeline.core.record import Record
+from pipeline.core.stage import run_stage
+from pipeline.models.loader import ModelUnavailable
+from pipeline.testing.clips import ASTRONAUT, ASTRONAUT_MIRRORED, CAMERAMAN, COFFEE
 from stages.faces import ARCFACE_TEMPLATE, FaceDetector, dlib_margin, dlib_score
 
 pytestmark = [
@@ -30,17 +29,6 @@ pytestmark = [
 ]
 
 
-def keyframe(image: np.ndarray, width: int = 640, height: int = 360) -> np.ndarray:
-    """A photo letterboxed into a width x height RGB keyframe, aspect ratio kept (faces stay faces)."""
-    if image.ndim == 2:
-        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    scale = min(width / image.shape[1], height / image.shape[0])
-    resized = cv2.resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale)),
-                         interpolation=cv2.INTER_AREA)
-    out = np.zeros((height, width, 3), np.uint8)
-    y0, x0 = (height - resized.shape[0]) // 2, (width - resized.shape[1]) // 2
-    out[y0:y0 + resized.shape[0], x0:x0 + resized.shape[1]] = resized
-    return out
 
 
 def clip_with(frames) -> Record:
@@ -55,10 +43,6 @@ def detect(frames, overrides=(), data_config=None) -> Record:
     return record
 
 
-ASTRONAUT = keyframe(data.astronaut())
-ASTRONAUT_MIRRORED = keyframe(data.astronaut()[:, ::-1])
-CAMERAMAN = keyframe(data.camera())
-COFFEE = keyframe(data.coffee())
 
 
 @pytest.fixture(scope="module")

@@ -11,67 +11,12 @@ import numpy as np
 import pytest
 import torch
 from skimage import data
-from transformers import (
-    BertConfig,
-    BertTokenizer,
-    GroundingDinoConfig,
-    GroundingDinoForObjectDetection,
-    GroundingDinoImageProcessor,
-    GroundingDinoProcessor,
-    SwinConfig,
-)
 
-from pipeline.config import build_config
-from pipeline.record import Record
-from pipeline.stage import run_stage
+from pipeline.core.config import build_config
+from pipeline.core.record import Record
+from pipeline.core.stage import run_stage
+from pipeline.testing.tiny_models import save_tiny_grounding_dino
 from stages.grounding import Grounder, Query, build_prompt, fit_queries, grounding_queries, match_phrase
-
-WORDS = ["woman", "cup", "person", "astronaut", "coffee", "red", "car", "sky", "sung", "##lasses"]
-
-
-def tiny_vocab() -> list[str]:
-    """BERT-uncased's layout for the ids that matter: the model hard-codes [CLS]=101, [SEP]=102, "."=1012 and
-    "?"=1029 as the phrase delimiters of its text self-attention, so the tiny vocabulary puts them there too."""
-    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab += [f"[unused{i}]" for i in range(len(vocab), 1012)] + ["."]
-    vocab += [f"[unused{i}]" for i in range(len(vocab), 1029)] + ["?"]
-    return vocab + WORDS
-
-
-def save_tiny_grounding_dino(path, box_bias=None):
-    """Build, perturb and save the tiny model and its processor into `path`; return the saved state dict.
-
-    `box_bias` pins the box head: zero weights in its last layer and this (cx, cy, w, h) bias in logit space, so
-    every query's box saturates to a known value whatever the decoder computes."""
-    vocab = tiny_vocab()
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizer(str(path / "vocab.txt"))
-    swin = SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                      window_size=4, out_indices=[2, 3, 4])
-    bert = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=32, max_position_embeddings=64)
-    config = GroundingDinoConfig(
-        backbone_config=swin, text_config=bert, d_model=32, encoder_layers=1, decoder_layers=2,
-        encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
-        num_queries=30, encoder_n_points=1, decoder_n_points=1, max_text_len=64,
-    )
-    torch.manual_seed(0)
-    model = GroundingDinoForObjectDetection(config).eval()
-    # Shift every weight away from what a fresh init gives, so a loader that re-inits cannot pass. Parameters,
-    # not the state dict: the tied box heads are one tensor under several names.
-    generator = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-        if box_bias is not None:
-            head = model.bbox_embed[-1].layers[-1]
-            head.weight.zero_()
-            head.bias.copy_(torch.tensor(box_bias, dtype=torch.float32))
-    # A small input size keeps the tiny model fast; the real processors resize to 800 px.
-    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 128})
-    GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    model.save_pretrained(path)
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import pytest
 import torch
 from skimage import data
 
-from pipeline.config import build_config
-from pipeline.models import ModelUnavailable
-from pipeline.record import Record
-from pipeline.stage import run_stage
+from pipeline.core.config import build_config
+from pipeline.core.record import Record
+from pipeline.core.stage import run_stage
+from pipeline.models.loader import ModelUnavailable
 from stages.inpainting import FluxFill, Inpainter, OpenCvFill
 
 WIDTH, HEIGHT = 640, 360
@@ -347,7 +347,7 @@ def test_flux_fill_refuses_a_missing_or_wrong_model(tmp_path):
 
 
 def test_a_missing_flux_fill_directory_fails_preflight(tmp_path, u2netp_dir):
-    from pipeline.config import ConfigError, load_config
+    from pipeline.core.config import ConfigError, load_config
     from stages import preflight
 
     config = load_config("configs/quickstart.yaml", [

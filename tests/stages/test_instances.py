@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from skimage import data
 
-from pipeline.config import build_config
-from pipeline.record import Record
-from pipeline.stage import run_stage
+from pipeline.core.config import build_config
+from pipeline.core.record import Record
+from pipeline.core.stage import run_stage
 from stages.instances import InstanceFilter, InstanceStats, instance_decision
 
 WIDTH, HEIGHT = 640, 360

@@ -6,26 +6,24 @@ Random weights carry no meaning, so the model tests assert what holds for any we
 different ones less) and that the stage's numbers are the model's numbers."""
 
 import json
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from skimage import data
 
-from pipeline.config import ConfigError, build_config
-from pipeline.models import ModelSpec
-from pipeline.record import Record
-from pipeline.stage import run_stage
+from pipeline.core.config import FACE_THRESHOLDS, ConfigError, ModelSpec, build_config, face_thresholds
+from pipeline.core.record import Record
+from pipeline.core.stage import run_stage
+from pipeline.models.clip import ClipScorer
+from pipeline.testing.clips import ASTRONAUT, ASTRONAUT_MIRRORED, CAMERAMAN, COFFEE
+from pipeline.testing.tiny_models import TINY_CLIP
 from stages import build_flow, describe_flow
-from stages.clip_score import ClipScore, ClipScorer
+from stages.clip_score import ClipScore
 from stages.faces import FaceDetector
-from stages.metrics import FACE_THRESHOLDS, SampleMetrics, face_thresholds, loader_view
+from stages.metrics import SampleMetrics, loader_view
 from stages.references import ReferenceCutter
-from tests.conftest import load_by_path
 
-FACES = load_by_path(Path(__file__).with_name("test_faces.py"))
-CLIP = load_by_path(Path(__file__).with_name("test_clip_score.py"))
 CROP_ONLY = "references.ratio={crop: 1, segment: 0, inpaint: 0, redux: 0}"
 SEGMENT_ONLY = "references.ratio={crop: 0, segment: 1, inpaint: 0, redux: 0}"
 
@@ -64,14 +62,14 @@ def measure(record: Record, overrides=()) -> dict:
 @pytest.fixture(scope="module")
 def same_person():
     """The astronaut on keyframe 0 (the reference) and mirrored on keyframe 1: the same face (dlib: 0.99)."""
-    return person_clip([FACES.ASTRONAUT, FACES.ASTRONAUT_MIRRORED])
+    return person_clip([ASTRONAUT, ASTRONAUT_MIRRORED])
 
 
 @pytest.fixture(scope="module")
 def other_person():
     """The astronaut on keyframe 0 and the cameraman on keyframe 1, both bound to one entity (a consolidation
     mistake the metric is there to catch; dlib: 0.84)."""
-    return person_clip([FACES.ASTRONAUT, FACES.CAMERAMAN], ["faces.min_score=0.2"])  # his face scores 0.28
+    return person_clip([ASTRONAUT, CAMERAMAN], ["faces.min_score=0.2"])  # his face scores 0.28
 
 
 def test_the_same_face_scores_above_another_persons_and_the_flags_follow(same_person, other_person):
@@ -105,7 +103,7 @@ def test_thresholds_come_from_config_else_from_the_backend(same_person):
 
 
 def test_no_face_on_the_other_keyframes_is_unmeasured_not_flagged():
-    record = person_clip([FACES.ASTRONAUT, FACES.COFFEE])
+    record = person_clip([ASTRONAUT, COFFEE])
     metrics = measure(record)
     [ref] = metrics["references"]
     assert ref["face_cosine"] is None and "face_copy_paste" not in ref and metrics["flags"] == []
@@ -196,14 +194,14 @@ def tiny_clip(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny_clip")
     torch.manual_seed(0)
-    save_file(open_clip.CLIP(**CLIP.TINY_CLIP).state_dict(), str(path / "open_clip_model.safetensors"))
-    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": CLIP.TINY_CLIP, "preprocess_cfg": {}}))
+    save_file(open_clip.CLIP(**TINY_CLIP).state_dict(), str(path / "open_clip_model.safetensors"))
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
     return path
 
 
 def test_clip_i_is_the_reference_crop_against_the_other_keyframes_and_caption_alignment_is_surfaced(tiny_clip):
     clip = f"clip_score.model.path={tiny_clip}"
-    record = person_clip([FACES.ASTRONAUT, FACES.ASTRONAUT_MIRRORED, FACES.COFFEE], [clip])
+    record = person_clip([ASTRONAUT, ASTRONAUT_MIRRORED, COFFEE], [clip])
     record.meta["caption"] = {"text": "a woman in a spacesuit", "source": "metadata"}
     scoring = ClipScore(build_config({}, [clip]))
     scoring.setup()
@@ -258,7 +256,7 @@ def test_dino_i_with_a_dinov2_loaded_by_path(tiny_dino):
     from transformers import AutoImageProcessor, AutoModel
 
     # Keyframes 0 and 1 are one photo, keyframe 2 another: the whole-frame crop of keyframe 0 is keyframe 1.
-    record = person_clip([FACES.ASTRONAUT, FACES.ASTRONAUT, FACES.COFFEE])
+    record = person_clip([ASTRONAUT, ASTRONAUT, COFFEE])
     config = build_config({}, [CROP_ONLY, f"metrics.dino_model={tiny_dino}"])  # a bare path reads as {path: ...}
     assert config.metrics.dino_model.path == str(tiny_dino)
     stage = SampleMetrics(config)
@@ -273,7 +271,7 @@ def test_dino_i_with_a_dinov2_loaded_by_path(tiny_dino):
     assert unit[0] @ unit[1] == pytest.approx(1.0, abs=1e-4) and unit[0] @ unit[2] < 0.999
     assert ref["dino_i"] == pytest.approx(float(np.mean([unit[0] @ unit[1], unit[0] @ unit[2]])), abs=1e-3)
     assert metrics["backends"]["dino_i"] == f"dinov2 {tiny_dino}" and metrics["summary"]["dino_i_min"] == ref["dino_i"]
-    assert "dino_i" not in measure(person_clip([FACES.ASTRONAUT, FACES.COFFEE]))["references"][0]
+    assert "dino_i" not in measure(person_clip([ASTRONAUT, COFFEE]))["references"][0]
 
 
 # --- the flow -----------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 import pytest
 
-from pipeline.config import build_config
-from pipeline.inputs import source_records
-from pipeline.stage import run_stage
+from pipeline.core.config import build_config
+from pipeline.core.stage import run_stage
+from pipeline.sources.inputs import source_records
 from stages.probe import Prober, content_id
 
 

@@ -2,9 +2,9 @@ import cv2
 import numpy as np
 from skimage import data
 
-from pipeline.config import QualityFilterConfig, build_config
-from pipeline.record import Record
-from pipeline.stage import run_stage
+from pipeline.core.config import QualityFilterConfig, build_config
+from pipeline.core.record import Record
+from pipeline.core.stage import run_stage
 from stages.quality import QualityFilter, QualityStats, quality_decision, quality_stats
 
 

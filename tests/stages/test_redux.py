@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import build_config
-from pipeline.stage import run_stage
+from pipeline.core.config import build_config
+from pipeline.core.stage import run_stage
+from pipeline.testing.clips import clip, consolidate
 from stages import build_flow, describe_flow
 from stages.redux import Reduxer, working_size
 from stages.references import ReferenceCutter
-from tests.conftest import load_by_path
-
-consolidation = load_by_path(Path(__file__).with_name("test_consolidation.py"))  # its two-object clips
 
 
 def save_tiny_redux(directory: Path) -> tuple[Path, Path]:
@@ -70,7 +68,7 @@ def test_working_size_keeps_the_aspect_in_multiples():
 
 
 def test_redux_references_are_generated_not_redrawn(redux_config):
-    record = consolidation.consolidate(consolidation.clip())
+    record = consolidate(clip())
     run_stage(ReferenceCutter(redux_config), [record])
     refs = record.meta["references"]
     assert [r["variant"] for r in refs] == ["redux", "redux"] and all(r["pending"] for r in refs)
@@ -86,7 +84,7 @@ def test_redux_references_are_generated_not_redrawn(redux_config):
         assert ref["pending"] is False and ref["redux_backend"].startswith("flux-redux: diffusers")
     assert "redux" in out.meta["provenance"]
     # Reproducible: the seed depends on the clip and the entity, not on the run.
-    again = consolidation.consolidate(consolidation.clip())
+    again = consolidate(clip())
     run_stage(ReferenceCutter(redux_config), [again])
     run_stage(stage, [again])
     for ref in refs:

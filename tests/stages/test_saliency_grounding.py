@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from skimage import data
 
-from pipeline.config import build_config
-from pipeline.models import ModelSpec, ModelUnavailable
-from pipeline.record import Record
-from pipeline.stage import run_stage
+from pipeline.core.config import ModelSpec, build_config
+from pipeline.core.record import Record
+from pipeline.core.stage import run_stage
+from pipeline.models.loader import ModelUnavailable
 from stages.saliency_grounding import OBJECT, SaliencyGrounder, bind_regions, saliency_model_file
 
 WIDTH, HEIGHT = 640, 360

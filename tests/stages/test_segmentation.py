@@ -17,10 +17,11 @@ from safetensors.torch import save_file
 from skimage import data
 from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
 
-from pipeline.config import build_config
-from pipeline.models import ModelSpec, ModelUnavailable
-from pipeline.record import Record
-from pipeline.stage import run_stage
+from pipeline.core.config import ModelSpec, build_config
+from pipeline.core.record import Record
+from pipeline.core.stage import run_stage
+from pipeline.models.loader import ModelUnavailable
+from pipeline.testing.tiny_models import TINY_HF_SAM, TINY_SAM
 from stages.segmentation import (
     SamArchitecture,
     SegmentAnythingMasker,
@@ -29,17 +30,6 @@ from stages.segmentation import (
     build_sam,
 )
 
-# A 64-px SAM: 4x4 patch grid, one window of 4 patches, 32-d prompt space.
-TINY_SAM = {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1], "image_size": 64,
-            "window_size": 4, "prompt_embed_dim": 32, "decoder_mlp_dim": 64, "decoder_num_heads": 2,
-            "iou_head_hidden_dim": 32}
-TINY_HF_SAM = {
-    "vision_config": {"hidden_size": 32, "output_channels": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                      "image_size": 64, "patch_size": 16, "window_size": 4, "global_attn_indexes": [1],
-                      "num_pos_feats": 16, "mlp_dim": 64},
-    "prompt_encoder_config": {"hidden_size": 32, "image_size": 64, "patch_size": 16},
-    "mask_decoder_config": {"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2, "iou_head_hidden_dim": 32},
-}
 WIDTH, HEIGHT = 640, 360
 BACKENDS = ["segment-anything", "transformers"]
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import build_config
-from pipeline.video import iter_frames
+from pipeline.core.config import build_config
+from pipeline.core.video import iter_frames
 from stages.shot_cut import ShotCutter, plan_clips, shots_from_cuts, transnet_predictions
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from skimage import data
 
-from pipeline.config import build_config
-from pipeline.record import Record
-from pipeline.stage import run_stage
+from pipeline.core.config import build_config
+from pipeline.core.record import Record
+from pipeline.core.stage import run_stage
 from stages.vlm_entities import (
     MalformedEntities,
     VlmEntityExtractor,

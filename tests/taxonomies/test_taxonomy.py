@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import demo_data
-from pipeline.demo_data import build_demo_corpus
+from pipeline.sources import demo_data
+from pipeline.sources.demo_data import build_demo_corpus
 from taxonomies.inflect import PLURAL_ONLY, plural_forms, pluralize, singularize
 from taxonomies.matcher import DEFAULT_PATH, GROUPS, Taxonomy, phrase_key
 

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from pipeline.video import ClipEncoder
-from tests.conftest import load_by_path
+from pipeline.core.video import ClipEncoder
+from pipeline.testing import synthetic_shards as synthetic
 from trainer.data import (
     DataConfig,
     SampleError,
@@ -29,7 +29,6 @@ from trainer.data import (
     resolve_shards,
 )
 
-synthetic = load_by_path(Path(__file__).parent / "synthetic.py")
 BUCKETS = [(9, 64, 112), (9, 64, 64), (9, 112, 64)]
 # SIZES of the synthetic clips (width, height) -> the bucket each must land in
 EXPECTED_BUCKET = {(96, 64): (9, 64, 112), (64, 96): (9, 112, 64), (80, 80): (9, 64, 64)}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import load_by_path
+from pipeline.testing import synthetic_shards as synthetic
 from trainer.data import DataConfig, make_loader
 from trainer.encoders import (
     EmbeddingCache,
@@ -21,9 +21,6 @@ from trainer.encoders import (
     encode_text_cached,
     subject_token_mask,
 )
-
-synthetic = load_by_path(Path(__file__).parent / "synthetic.py")
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 

@@ -16,13 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import load_by_path
+from pipeline.testing import synthetic_shards as synthetic
 from trainer.config import EmaSection, FlowSection, OptimSection, build_train_config
 from trainer.encoders import build_tiny_text_encoder, build_tiny_vae
 from trainer.train import EMA, Trainer, checkpoint_dirs, lr_factor, sample_t
-
-synthetic = load_by_path(Path(__file__).parent / "synthetic.py")
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 

@@ -1,0 +1,619 @@
+"""Cross-paired samples (Kaleido): a committed sample whose subject references come from elsewhere, so a model
+trained on it cannot copy the reference's background, pose or lighting from its own clip.
+
+A post-pass over the committed own samples, run after every streaming pass (and so after every resume):
+
+1. Index: every own sample's KEY.json and KEY.faces.npy are read from its shard (tar member offsets; the mp4 and
+   images are read only for the samples that are used).
+2. Identities: a subject reference's face embedding is the faces.npy row of the face with the reference's
+   `detection`. References of different clips whose cosine is >= `cross_pairs.min_face_similarity` are linked;
+   union-find over the links gives identity clusters. Objects, when the run had a CLIP model, are linked the same
+   way by the CLIP embedding of their reference detection's crop (KEY.dclip.npy), within one category and at
+   `cross_pairs.min_object_similarity`; without it they have no identity and are always composited.
+3. Bases: own samples in a seeded order (sha256 of seed and key: adding samples does not reshuffle the others),
+   taken until C = round(share / (1 - share) * N_own) cross samples exist, so cross / (own + cross) ~= share.
+   A base is used once; one without references, or none of whose references can be replaced, is skipped.
+4. Per reference of a base: `same_identity` when another clip holds the same face (the partner is drawn among the
+   references it matches directly, preferring other sources: a chain A~B~C never pairs A with a C it does not
+   match itself); else `composite`: the base's own subject pasted onto the clean background plate (bg.png) of a
+   sample of another source, one plate per cross sample.
+5. Commit: `shards/cross-NNNNNN.tar` written under `.tmp` names and renamed, then ONE ledger line
+   `{"type": "cross", ...}`. The last cross line is the current set; the shards of the one it supersedes are deleted
+   after it commits, and `Ledger.recover` deletes cross shards that no current line names. The line carries a digest
+   of the own keys and of this config: an unchanged own set is never rewritten.
+
+A cross sample is its base with references replaced: key `BASE-x`; KEY.mp4, KEY.bg.png, KEY.faces.npy and
+KEY.dmask*.png copied; KEY.ref{k}.png / KEY.mask{k}.png keep the base's names k; KEY.json is the base's with the
+new reference entries (each with `cross`) and a top-level `cross_pair` {"base", "kinds", "background_from"}; its
+`stats.metrics` (stages/metrics.py) drops what was measured on a replaced reference, keeps the face identity where
+faces.npy allows recomputing it, and names the replaced files in `replaced`.
+A reference that can be neither swapped nor composited (no plate of another source) stays the base's, without
+`cross`; `kinds` counts only replaced ones. A rebuilt set numbers its shards on from the set it replaces, so old and
+new names never collide while both are on disk.
+
+Reference fields keep one meaning everywhere: `detection`, `keyframe`, `frame_index` and `box` locate the
+reference's pixels in the clip `source_key` / `source_clip` (the partner's clip for same_identity, the base's for a
+composite), while `entity`, `subject_id`, `view_id` and `group` tie it to this sample's entities.
+A same_identity reference keeps the partner's `variant` (its pixels are the partner's: RGBA iff segment). A
+composite keeps the base reference's `variant` (the variant mix the ratio asked for is unchanged; `cross.kind`
+says how the pixels were made): it is RGB, or RGBA for `segment` with alpha = the pasted mask, so a loader that
+applies alpha still gets the cut-out subject and one that drops it sees the subject on the foreign plate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import tarfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from pipeline.core.config import ConfigError, CrossPairsConfig, RunConfig, config_face_thresholds, face_thresholds
+from pipeline.core.files import file_sha256
+from pipeline.core.names import CROSS_PREFIX, KEY_SUFFIX, shard_path, split_member
+from pipeline.store.ledger import SHARD_DIR, Ledger, LedgerState, own_sample_shards
+from pipeline.store.shards import TMP_SUFFIX, image_png, mask_png, publish_shard, sample_json, shard_number
+from stages.metrics import entity_face_cosine, face_cosine, face_flags, face_row, with_references
+
+# Bump when the construction changes: the digest then differs and the next run rebuilds the cross set.
+ALGORITHM_VERSION = 2
+# Composite placement on the plate: subject (its mask's bounding box) 60 % of the plate height, at most 90 % of its
+# width, centred horizontally, feet at 90 % of the height -- a person standing in the scene, not floating in it.
+SUBJECT_HEIGHT = 0.6
+SUBJECT_MAX_WIDTH = 0.9
+SUBJECT_BOTTOM = 0.9
+# Direct same-identity partners kept per reference (the most similar): bounds memory for identities seen in
+# thousands of clips; the draw among them still varies.
+MAX_PARTNERS = 32
+SIMILARITY_BLOCK = 2048  # rows of the blocked cosine matrix: memory ~ block x references x 4 bytes
+
+
+@dataclass
+class OwnSample:
+    """What the planner needs of one committed own sample: where its files are and its reference entries."""
+
+    key: str
+    shard: str  # relative to OUT
+    clip_id: str
+    source_id: str
+    members: dict[str, tuple[int, int]]  # extension -> (data offset, size) in the shard
+    references: list[dict] = field(default_factory=list)  # KEY.json reference entries, in entity order
+    faces: list[dict] = field(default_factory=list)  # KEY.json "faces": row i is faces.npy row i
+    detection_rows: dict[str, int] = field(default_factory=dict)  # detection id -> row in dclip.npy
+    object_categories: dict[str, str] = field(default_factory=dict)  # object entity id -> its category
+
+    @property
+    def has_background(self) -> bool:
+        return "bg.png" in self.members
+
+
+@dataclass
+class Replacement:
+    """One reference of a cross sample: where its pixels come from."""
+
+    base_ref: dict
+    kind: str  # same_identity | composite
+    partner: tuple[int, int] | None = None  # (sample index, reference index) for same_identity
+    similarity: float | None = None
+    identity: int | None = None
+
+
+@dataclass
+class CrossPlan:
+    base: int  # sample index
+    replacements: list[Replacement]
+    background_from: int | None  # donor sample index of the composites' plate
+
+    def kinds(self) -> dict[str, int]:
+        return dict(Counter(r.kind for r in self.replacements))
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the committed own samples
+
+
+def own_digest(keys, cfg: CrossPairsConfig) -> str:
+    """What a cross set is a function of: the own keys, the cross-pair settings and the algorithm version."""
+    digest = hashlib.sha256()
+    for key in sorted(keys):
+        digest.update(key.encode() + b"\n")
+    digest.update(json.dumps({"config": cfg.model_dump(mode="json"), "version": ALGORITHM_VERSION},
+                             sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def read_member(out: Path, sample: OwnSample, ext: str) -> bytes:
+    offset, size = sample.members[ext]
+    with open(shard_path(out, sample.shard), "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def index_own_samples(out: Path, state: LedgerState
+                      ) -> tuple[list[OwnSample], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The committed own samples in key order, each one's face embeddings (faces.npy) and detection crop
+    embeddings (dclip.npy), from the shards' tar headers plus their json/npy members; nothing else is read."""
+    own = own_sample_shards(state)
+    samples: dict[str, OwnSample] = {}
+    embeddings: dict[str, np.ndarray] = {}
+    crops: dict[str, np.ndarray] = {}
+    for shard in sorted(set(own.values())):
+        with tarfile.open(shard_path(out, shard), "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_member(member.name, shard)
+                if own.get(key) != shard:
+                    continue
+                sample = samples.get(key)
+                if sample is None:
+                    sample = samples[key] = OwnSample(key, shard, "", "", {})
+                sample.members[ext] = (member.offset_data, member.size)
+                if ext == "json":
+                    meta = json.loads(tar.extractfile(member).read())
+                    sample.clip_id = meta.get("clip_id") or key
+                    sample.source_id = (meta.get("source") or {}).get("id") or key.split("-")[0]
+                    sample.references = [r for e in meta.get("entities", []) for r in e.get("references") or []]
+                    sample.faces = meta.get("faces") or []
+                    sample.detection_rows = {d["id"]: i for i, d in enumerate(meta.get("detections") or [])}
+                    sample.object_categories = {e["id"]: e.get("category") or e.get("word") or ""
+                                                for e in meta.get("entities", []) if e.get("kind") == "object"}
+                elif ext in ("faces.npy", "dclip.npy"):
+                    table = np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False)
+                    (embeddings if ext == "faces.npy" else crops)[key] = table
+    ordered = [samples[k] for k in sorted(samples) if "json" in samples[k].members]
+    return ordered, embeddings, crops
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planning (pure: no file access)
+
+
+def reference_embeddings(samples: list[OwnSample], embeddings: dict[str, np.ndarray]
+                         ) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """(sample index, reference index) of every reference that has a face, and the unit embeddings (rows)."""
+    where, rows = [], []
+    for si, sample in enumerate(samples):
+        table = embeddings.get(sample.key)
+        faces = sample.faces
+        for ri, ref in enumerate(sample.references):
+            row = next((i for i, f in enumerate(faces) if ref.get("detection") and f.get("detection") == ref["detection"]),
+                       None)
+            if row is None or table is None or row >= len(table):
+                continue
+            where.append((si, ri))
+            rows.append(np.asarray(table[row], np.float32).ravel())
+    return _unit_rows(where, rows)
+
+
+def object_reference_embeddings(samples: list[OwnSample], crops: dict[str, np.ndarray]
+                                ) -> tuple[list[tuple[int, int]], np.ndarray, list[str]]:
+    """(sample index, reference index) of every object reference with a CLIP crop embedding, the unit embeddings,
+    and each one's category (objects are only the same identity within one category)."""
+    where, rows = [], []
+    for si, sample in enumerate(samples):
+        table = crops.get(sample.key)
+        for ri, ref in enumerate(sample.references):
+            row = sample.detection_rows.get(ref.get("detection"))
+            if table is None or row is None or row >= len(table) or ref.get("entity") not in sample.object_categories:
+                continue
+            where.append((si, ri))
+            rows.append(np.asarray(table[row], np.float32).ravel())
+    where, matrix = _unit_rows(where, rows)
+    return where, matrix, [samples[si].object_categories[samples[si].references[ri]["entity"]] for si, ri in where]
+
+
+def _unit_rows(where: list[tuple[int, int]], rows: list[np.ndarray]) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The rows of the most common width that are not zero (an empty crop), normalised; and their positions."""
+    if not rows:
+        return [], np.zeros((0, 0), np.float32)
+    dims = Counter(len(r) for r in rows).most_common(1)[0][0]  # one backend per output dir; guard anyway
+    keep = [i for i, r in enumerate(rows) if len(r) == dims and np.linalg.norm(r) > 0]
+    if not keep:
+        return [], np.zeros((0, 0), np.float32)
+    matrix = np.stack([rows[i] for i in keep])
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    return [where[i] for i in keep], matrix
+
+
+def identity_links(where: list[tuple[int, int]], matrix: np.ndarray, clips: list[str], min_similarity: float,
+                   groups: list[str] | None = None) -> tuple[list[list[tuple[int, float]]], list[int]]:
+    """Per reference: its direct partners (row, cosine) in other clips (and the same group, when given), most
+    similar first (at most MAX_PARTNERS); and its identity cluster (union-find over those links), numbered from 0."""
+    n = len(where)
+    clip_of = np.array([clips[si] for si, _ in where])
+    group_of = np.array(groups if groups is not None else [""] * n)
+    partners: list[list[tuple[int, float]]] = [[] for _ in range(n)]
+    uf = _UnionFind(n)
+    for start in range(0, n, SIMILARITY_BLOCK):
+        sims = matrix[start:start + SIMILARITY_BLOCK] @ matrix.T
+        linked = ((sims >= min_similarity) & (clip_of[start:start + SIMILARITY_BLOCK, None] != clip_of[None, :])
+                  & (group_of[start:start + SIMILARITY_BLOCK, None] == group_of[None, :]))
+        for offset, row in enumerate(linked):
+            js = np.flatnonzero(row)
+            if len(js) > MAX_PARTNERS:
+                js = js[np.argpartition(-sims[offset, js], MAX_PARTNERS)[:MAX_PARTNERS]]
+            ranked = sorted(((int(j), float(sims[offset, j])) for j in js), key=lambda p: (-p[1], p[0]))
+            partners[start + offset] = ranked
+            for j, _ in ranked:
+                uf.union(start + offset, j)
+    roots = [uf.find(i) for i in range(n)]
+    numbers = {root: k for k, root in enumerate(sorted(set(roots)))}
+    return partners, [numbers[r] for r in roots]
+
+
+def _rank(seed: int, key: str) -> str:
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def target_count(share: float, n_own: int) -> int:
+    """Cross samples C so that C / (n_own + C) ~= share."""
+    return round(share / (1.0 - share) * n_own)
+
+
+def plan_cross_pairs(samples: list[OwnSample], embeddings: dict[str, np.ndarray], cfg: CrossPairsConfig,
+                     crops: dict[str, np.ndarray] | None = None) -> tuple[list[CrossPlan], dict]:
+    """Which own samples become bases and where each replaced reference comes from; plus what happened (target,
+    cap, skipped bases and why, identity clusters)."""
+    n_own = len(samples)
+    sources = {s.source_id for s in samples}
+    info: dict = {"own": n_own, "target": target_count(cfg.share, n_own), "capped": False, "skipped": {},
+                  "identity_clusters": 0, "face_references": 0, "object_references": 0}
+    if cfg.share == 0 or n_own < 2 or len(sources) < 2:
+        info["target"] = 0 if cfg.share == 0 else info["target"]
+        info["reason"] = "share is 0" if cfg.share == 0 else f"{n_own} own samples from {len(sources)} sources"
+        return [], info
+    target = info["target"]
+    if target > n_own:
+        info["capped"] = True
+        info["note"] = f"share {cfg.share} asks for {target} cross samples but each of the {n_own} own samples " \
+                       f"can be a base once: capped at {n_own}"
+        target = n_own
+
+    clips = [s.clip_id for s in samples]
+    where, matrix = reference_embeddings(samples, embeddings)
+    partners, identity = identity_links(where, matrix, clips, cfg.min_face_similarity) if where else ([], [])
+    info["face_references"] = len(where)
+    owhere, omatrix, categories = object_reference_embeddings(samples, crops or {})
+    if owhere:  # objects number their rows and clusters on from the faces'
+        opartners, oidentity = identity_links(owhere, omatrix, clips, cfg.min_object_similarity, categories)
+        offset, first = len(where), max(identity, default=-1) + 1
+        where = where + owhere
+        partners = partners + [[(j + offset, sim) for j, sim in p] for p in opartners]
+        identity = identity + [i + first for i in oidentity]
+    info["object_references"] = len(owhere)
+    row_of = {pos: i for i, pos in enumerate(where)}
+    clusters = Counter(identity)
+    info["identity_clusters"] = sum(1 for c, n in clusters.items() if n > 1)
+
+    donors = [i for i, s in enumerate(samples) if s.has_background]
+    donors_per_source = Counter(samples[i].source_id for i in donors)
+
+    def draw_donor(base: OwnSample, rng: random.Random) -> int | None:
+        if len(donors) - donors_per_source.get(base.source_id, 0) <= 0:
+            return None
+        for _ in range(32):  # rejection: cheap unless the base's own source holds nearly every plate
+            pick = donors[rng.randrange(len(donors))]
+            if samples[pick].source_id != base.source_id:
+                return pick
+        return rng.choice([i for i in donors if samples[i].source_id != base.source_id])
+
+    plans: list[CrossPlan] = []
+    skipped: Counter = Counter()
+    for si in sorted(range(n_own), key=lambda i: _rank(cfg.seed, samples[i].key)):
+        if len(plans) >= target:
+            break
+        base = samples[si]
+        if not base.references:
+            skipped["no_references"] += 1
+            continue
+        rng = random.Random(_rank(cfg.seed, base.key))
+        replacements: list[Replacement] = []
+        donor: int | None = None
+        donor_drawn = False
+        for ri, ref in enumerate(base.references):
+            row = row_of.get((si, ri))
+            if row is not None and partners[row]:
+                other_source = [p for p in partners[row] if samples[where[p[0]][0]].source_id != base.source_id]
+                j, similarity = rng.choice(other_source or partners[row])
+                replacements.append(Replacement(ref, "same_identity", partner=where[j], similarity=similarity,
+                                                identity=identity[row]))
+                continue
+            if not donor_drawn:
+                donor, donor_drawn = draw_donor(base, rng), True
+            if donor is not None:
+                replacements.append(Replacement(ref, "composite"))
+        if not replacements:
+            skipped["no_partner_or_plate"] += 1
+            continue
+        plans.append(CrossPlan(si, replacements, donor if any(r.kind == "composite" for r in replacements) else None))
+    info["skipped"] = dict(skipped)
+    if len(plans) < target:
+        info["shortfall"] = target - len(plans)
+    return plans, info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pixels
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> RGB / RGBA / gray uint8 array (as stored)."""
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError("cannot decode PNG")
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB if image.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
+    return image
+
+
+def composite_on_plate(reference: np.ndarray, mask: np.ndarray, plate: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Paste the masked subject of `reference` (RGB or RGBA; its alpha is ignored, `mask` decides) onto `plate`
+    (RGB): scaled so its mask's bounding box is SUBJECT_HEIGHT of the plate height (at most SUBJECT_MAX_WIDTH of
+    the width), centred, bottom at SUBJECT_BOTTOM. Returns the RGB composite, its 0/1 mask and the pasted box."""
+    import cv2
+
+    rgb = reference[..., :3]
+    mask = (mask > 0).astype(np.uint8)
+    if mask.shape != rgb.shape[:2]:
+        mask = cv2.resize(mask, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
+    if not mask.any():  # an empty mask: the whole reference is the subject
+        mask = np.ones_like(mask)
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    subject, alpha = rgb[y0:y1, x0:x1], mask[y0:y1, x0:x1].astype(np.float32)
+    height, width = plate.shape[:2]
+    scale = min(SUBJECT_HEIGHT * height / subject.shape[0], SUBJECT_MAX_WIDTH * width / subject.shape[1])
+    w, h = max(1, round(subject.shape[1] * scale)), max(1, round(subject.shape[0] * scale))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    subject = cv2.resize(np.ascontiguousarray(subject), (w, h), interpolation=interpolation)
+    alpha = cv2.resize(alpha, (w, h), interpolation=cv2.INTER_LINEAR)
+    left = (width - w) // 2
+    top = max(0, min(round(SUBJECT_BOTTOM * height) - h, height - h))
+    out = plate[..., :3].copy()
+    region = out[top:top + h, left:left + w].astype(np.float32)
+    a = alpha[..., None]
+    out[top:top + h, left:left + w] = np.clip(a * subject + (1 - a) * region + 0.5, 0, 255).astype(np.uint8)
+    placed = np.zeros((height, width), np.uint8)
+    placed[top:top + h, left:left + w] = alpha >= 0.5
+    return out, placed, [int(left), int(top), int(left + w), int(top + h)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def cross_key(base_key: str) -> str:
+    return base_key + KEY_SUFFIX
+
+
+def cross_metrics(metrics: dict, plan: CrossPlan, samples: list[OwnSample], new_refs: dict[tuple[str, str], dict],
+                  embeddings: dict[str, np.ndarray], thresholds: dict[str, float]) -> dict:
+    """The base's KEY.json `stats.metrics` for its cross sample: a replaced reference is not the one measured, so its
+    entry is dropped, except the face identity, which faces.npy lets us recompute (the partner's face against the
+    base clip's faces of the entity for same_identity; for a composite the pasted subject is the base reference's
+    own, so its own face); summaries and flags follow from what remains, and `replaced` lists the files."""
+    base = samples[plan.base]
+    table = embeddings.get(base.key)
+    old = {r.get("file"): r for r in metrics.get("references") or []}
+    replaced = {}
+    for rep in plan.replacements:
+        ref = rep.base_ref
+        entry = new_refs[(ref["entity"], ref["file"])]
+        new = {"file": ref["file"], "entity": ref["entity"], "variant": entry.get("variant"), "cross": rep.kind}
+        if "face_cosine" in old.get(ref["file"], {}):  # a subject whose face identity was measured
+            if rep.kind == "same_identity":
+                partner = samples[rep.partner[0]]
+                ptable = embeddings.get(partner.key)
+                row = face_row(partner.faces, entry.get("detection"), ptable)
+                # The partner's face comes from another clip: every keyframe of the base is another view.
+                cosine = None if row is None else entity_face_cosine(ptable[row], ref["entity"], base.faces, table,
+                                                                     None)
+            else:
+                cosine = face_cosine(ref, base.faces, table)
+            new["face_cosine"] = cosine
+            new.update(face_flags(cosine, thresholds))
+        replaced[ref["file"]] = new
+    references = [replaced.get(r.get("file"), r) for r in metrics.get("references") or []]
+    return {**with_references(metrics, references), "replaced": sorted(replaced)}
+
+
+def _build_sample(out: Path, samples: list[OwnSample], plan: CrossPlan, embeddings: dict[str, np.ndarray] | None = None,
+                  thresholds: dict[str, float] | None = None) -> dict:
+    base = samples[plan.base]
+    meta = json.loads(read_member(out, base, "json"))
+    sample: dict = {"__key__": cross_key(base.key)}
+    for ext in base.members:
+        if ext != "json":
+            sample[ext] = read_member(out, base, ext)
+    plate = None
+    if plan.background_from is not None:
+        donor = samples[plan.background_from]
+        plate = decode_png(read_member(out, donor, "bg.png"))
+    new_refs: dict[tuple[str, str], dict] = {}
+    for rep in plan.replacements:
+        ref = rep.base_ref
+        if rep.kind == "same_identity":
+            psample = samples[rep.partner[0]]
+            pref = psample.references[rep.partner[1]]
+            sample[ref["file"]] = read_member(out, psample, pref["file"])
+            sample[ref["mask"]] = read_member(out, psample, pref["mask"])
+            entry = {**pref, "file": ref["file"], "mask": ref["mask"]}
+            for name in ("entity", "subject_id", "view_id", "group"):
+                entry[name] = ref.get(name)
+            entry["cross"] = {"kind": "same_identity", "from_key": psample.key, "from_file": pref["file"],
+                              "identity": rep.identity, "similarity": round(rep.similarity, 4)}
+        else:
+            donor = samples[plan.background_from]
+            image = decode_png(read_member(out, base, ref["file"]))
+            mask = decode_png(read_member(out, base, ref["mask"]))
+            composite, placed, box = composite_on_plate(image, mask, plate)
+            if ref.get("variant") == "segment":  # keep the format rule: RGBA iff segment
+                composite = np.dstack([composite, placed * 255])
+            sample[ref["file"]] = image_png(composite)
+            sample[ref["mask"]] = mask_png(placed)
+            entry = {**ref, "cross": {"kind": "composite", "background_from": donor.key,
+                                      "background_clip": donor.clip_id, "background_source": donor.source_id,
+                                      "placed_box": box}}
+        new_refs[(ref["entity"], ref["file"])] = entry
+    for entity in meta.get("entities", []):
+        if entity.get("references"):
+            entity["references"] = [new_refs.get((r["entity"], r["file"]), r) for r in entity["references"]]
+    metrics = (meta.get("stats") or {}).get("metrics")
+    if isinstance(metrics, dict) and "references" in metrics:
+        meta["stats"]["metrics"] = cross_metrics(metrics, plan, samples, new_refs, embeddings or {},
+                                                 thresholds or face_thresholds(None, None, "dlib"))
+    meta["key"] = sample["__key__"]
+    meta["cross_pair"] = {
+        "base": base.key,
+        "kinds": plan.kinds(),
+        "background_from": samples[plan.background_from].key if plan.background_from is not None else None,
+    }
+    sample["json"] = sample_json(meta)
+    return sample
+
+
+class _CrossShardWriter:
+    """webdataset.ShardWriter to `.tmp` names, each shard fsynced and renamed when complete (as ShardSink does);
+    nothing reaches the ledger here: the caller commits all shards in one line."""
+
+    def __init__(self, out: Path, config: RunConfig, start: int):
+        self.out = out
+        self.shards: list[dict] = []
+        self._keys: list[str] = []
+        self._writer = wds.ShardWriter(
+            str(out / SHARD_DIR / f"{CROSS_PREFIX}-%06d.tar{TMP_SUFFIX}"),
+            maxcount=config.output.shard_max_samples,
+            maxsize=config.output.shard_max_mb * 1e6,
+            post=self._finish,
+            start_shard=start,
+            verbose=0,
+            encoder=False,
+            mtime=0.0,  # reproducible tar headers
+        )
+
+    def write(self, sample: dict) -> str:
+        self._writer.write(sample)
+        self._keys.append(sample["__key__"])
+        return f"{SHARD_DIR}/{Path(self._writer.fname).name[: -len(TMP_SUFFIX)]}"
+
+    def _finish(self, tmp_path: str) -> None:
+        keys, self._keys = self._keys, []
+        if not keys:
+            os.unlink(tmp_path)
+            return
+        final = publish_shard(tmp_path)
+        self.shards.append({"shard": f"{SHARD_DIR}/{Path(final).name}", "nsamples": len(keys),
+                            "bytes": os.path.getsize(final), "sha256": file_sha256(final)})
+
+    def close(self) -> list[dict]:
+        self._writer.close()
+        return self.shards
+
+
+def build_cross_pairs(out_dir: str | Path, config: RunConfig, ledger: Ledger, state: LedgerState,
+                      console=None) -> dict | None:
+    """Bring the cross-pair set of `out_dir` up to date with its committed own samples.
+
+    Returns None when the current set already matches the own keys and `config.cross_pairs` (nothing written);
+    otherwise the new ledger entry without its per-sample rows (see `cross_summary`). `state` must be the
+    committed state after `ledger.recover()`; its `cross` is updated in place."""
+    cfg = config.cross_pairs
+    out = Path(out_dir)
+    if config.output.split == CROSS_PREFIX:
+        raise ConfigError(f"output.split '{CROSS_PREFIX}' clashes with the cross-pair shards ({CROSS_PREFIX}-NNNNNN.tar); "
+                          "choose another split name")
+    started = time.time()
+    own = own_sample_shards(state)
+    digest = own_digest(own, cfg)
+    current = state.cross
+    if (current and current.get("own_digest") == digest
+            and all(shard_path(out, s["shard"]).is_file() for s in current["shards"])):
+        return None
+
+    if cfg.share > 0:
+        samples, embeddings, crops = index_own_samples(out, state)
+        plans, info = plan_cross_pairs(samples, embeddings, cfg, crops)
+    else:  # nothing to read: the entry only records that the set is empty
+        samples, plans, info = [], [], {"own": len(own), "target": 0, "capped": False, "reason": "share is 0"}
+
+    shards: list[dict] = []
+    rows: list[dict] = []
+    if plans:
+        start = max((shard_number(s["shard"]) + 1 for s in (current or {}).get("shards", [])), default=0)
+        (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        writer = _CrossShardWriter(out, config, start)
+        try:
+            for plan in sorted(plans, key=lambda p: samples[p.base].key):
+                sample = _build_sample(out, samples, plan, embeddings, config_face_thresholds(config))
+                shard = writer.write(sample)
+                rows.append({"key": sample["__key__"], "shard": shard, "base": samples[plan.base].key,
+                             "kinds": plan.kinds()})
+        finally:
+            shards = writer.close()
+
+    kinds = Counter()
+    for row in rows:
+        kinds.update(row["kinds"])
+    n_own = info["own"]
+    entry = {
+        "type": "cross",
+        "own_digest": digest,
+        "config": cfg.model_dump(mode="json"),
+        "own": n_own,
+        "target": info["target"],
+        "share": round(len(rows) / (n_own + len(rows)), 4) if rows else 0.0,
+        "kinds": dict(kinds),
+        "info": {k: v for k, v in info.items() if k not in ("own", "target")},
+        "shards": shards,
+        "samples": rows,
+        "wall_s": round(time.time() - started, 3),
+        "created": time.time(),
+    }
+    ledger.append(entry)
+    superseded = (current or {}).get("shards", [])
+    state.cross = entry
+    names = {s["shard"] for s in shards}
+    for old in superseded:
+        if old["shard"] not in names:
+            shard_path(out, old["shard"]).unlink(missing_ok=True)
+    result = {k: v for k, v in entry.items() if k != "samples"}
+    if console is not None:
+        note = f" ({info['note']})" if info.get("note") else f" ({info['reason']})" if info.get("reason") else ""
+        mix = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) or "none"
+        console.print(f"cross-pairs: {len(rows)} samples in {len(shards)} shards, share {entry['share']:.3f} "
+                      f"(target {info['target']}); references replaced: {mix}{note}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# For the derived outputs (index.json, manifest.parquet, summary.json)
+
+

@@ -1,0 +1,152 @@
+"""The commit log of an output directory (OUT/ledger.jsonl): the single source of truth for resume.
+
+Entries are appended and fsynced in commit order, one JSON object per line:
+  {"type": "shard", "shard": "shards/train-000003.tar", "nsamples", "bytes", "sha256", "keys": [...],
+   "sources": [<source entry>, ...]}                  -- the sources whose last sample is in this shard
+  {"type": "source", "path", "source_id", "size", "mtime_ns", "status", "samples": [...], "clips": [...],
+   "errors": [...]}                                   -- a source without samples (rejected, all dropped)
+A shard and the sources it completes commit in one line, so no crash can leave a committed shard holding a
+sample whose source the next run would redo.
+  {"type": "duplicate", "path", "source_id", ...}   -- a file whose content an earlier source already had
+  {"type": "input_error", "source", "reason", ...}  -- an input pattern that matched nothing
+  {"type": "run", ...}                                -- one per finished run: wall time and throughput
+  {"type": "cross", "own_digest", "shards": [...], "samples": [...], ...}
+                                                      -- the cross-pair set (pipeline/postpass/cross_pairs.py); the last
+                                                         one is current and its shards replace every earlier one's
+A source is committed when its entry is in the log. Everything else on disk (temporary shards, shards without
+an entry, shards that hold only samples of uncommitted sources) is debris of an interrupted run and is removed
+by `recover()` before a run starts, so a rerun neither duplicates nor loses a sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.core.names import shard_path
+
+LEDGER_NAME = "ledger.jsonl"
+SHARD_DIR = "shards"
+# Kept samples of sources still arriving (pipeline/store/assemble.py): scratch, never part of the output.
+SPOOL_DIR = ".spool"
+
+
+@dataclass
+class LedgerState:
+    shards: dict[str, dict] = field(default_factory=dict)  # shard path (relative to OUT) -> entry
+    sources: dict[str, dict] = field(default_factory=dict)  # source_id -> entry
+    runs: list[dict] = field(default_factory=list)
+    duplicates: dict[str, dict] = field(default_factory=dict)  # path -> entry of a file whose content came before
+    input_errors: dict[tuple[str, str], dict] = field(default_factory=dict)  # (pattern, reason) -> entry
+    cross: dict | None = None  # the last "cross" entry: the current cross-pair shards (pipeline/postpass/cross_pairs.py)
+
+    def cross_shards(self) -> set[str]:
+        """Shard paths (relative to OUT) of the current cross-pair set."""
+        return {s["shard"] for s in self.cross["shards"]} if self.cross else set()
+
+    def committed_files(self) -> dict[tuple[str, int, int], str]:
+        """(path, size, mtime_ns) -> source id: lets a rerun skip unchanged files without hashing them."""
+        entries = list(self.sources.values()) + list(self.duplicates.values())
+        return {(e["path"], e["size"], e["mtime_ns"]): e["source_id"] for e in entries}
+
+
+class Ledger:
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / LEDGER_NAME
+
+    def read(self) -> LedgerState:
+        """Parse the log; a torn last line (killed mid-append) is ignored: its commit never happened."""
+        state = LedgerState()
+        if not self.path.exists():
+            return state
+        for line in self.path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            kind = entry.get("type")
+            if kind == "shard":
+                state.shards[entry["shard"]] = entry
+                for source in entry.get("sources", []):
+                    state.sources[source["source_id"]] = source
+            elif kind == "source":
+                state.sources[entry["source_id"]] = entry
+            elif kind == "input_error":
+                state.input_errors[(entry["source"], entry["reason"])] = entry
+            elif kind == "duplicate":
+                state.duplicates[entry["path"]] = entry
+            elif kind == "run":
+                state.runs.append(entry)
+            elif kind == "cross":
+                state.cross = entry
+        return state
+
+    def append(self, entry: dict) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(entry, separators=(",", ":")) + "\n"
+        with open(self.path, "a") as f:
+            # A torn line from a killed writer must not swallow this entry: start on a fresh line.
+            if f.tell() > 0 and not self._ends_with_newline():
+                f.write("\n")
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+
+    def recover(self) -> LedgerState:
+        """Remove the debris of an interrupted run and return the committed state."""
+        state = self.read()
+        shard_dir = self.out_dir / SHARD_DIR
+        committed_keys = {s["key"] for e in state.sources.values() for s in e["samples"]}
+        orphaned = [name for name, e in state.shards.items() if not committed_keys.intersection(e["keys"])]
+        for name in orphaned:
+            # Only a source larger than one shard leaves such shards behind: its last shard never committed.
+            shard_path(self.out_dir, name).unlink(missing_ok=True)  # a ledger line never deletes outside shards/
+            del state.shards[name]
+        if shard_dir.is_dir():
+            # Cross shards named by no current cross line are debris too: written before a crash kept their line
+            # from committing, or superseded by a later line before the old files were deleted.
+            cross = state.cross_shards()
+            for path in shard_dir.iterdir():
+                rel = f"{SHARD_DIR}/{path.name}"
+                if rel not in state.shards and rel not in cross:
+                    path.unlink()
+        shutil.rmtree(self.out_dir / SPOOL_DIR, ignore_errors=True)  # sources a crash left half-arrived
+        if orphaned or self._has_torn_line():
+            self._rewrite(set(orphaned))
+        return state
+
+    def _has_torn_line(self) -> bool:
+        return self.path.exists() and self.path.stat().st_size > 0 and not self._ends_with_newline()
+
+    def _rewrite(self, drop_shards: set[str]) -> None:
+        """Rewrite the log without torn lines and without the entries of removed shards."""
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if entry.get("type") == "shard" and entry["shard"] in drop_shards:
+                continue
+            kept.append(line + "\n")
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+def own_sample_shards(state: LedgerState) -> dict[str, str]:
+    """Committed own sample key -> its shard (relative to OUT)."""
+    return {row["key"]: row["shard"] for entry in state.sources.values() for row in entry.get("samples", [])
+            if row.get("shard") in state.shards}

@@ -1,0 +1,73 @@
+import json
+
+import pytest
+
+from pipeline.sources.inputs import InputError, caption_for_span, list_inputs, load_metadata, source_records
+
+EXTS = [".mp4", ".mov"]
+
+
+@pytest.fixture
+def tree(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "deep").mkdir()
+    for rel in ["a/one.mp4", "a/deep/two.MOV", "a/notes.txt", "b.mp4", "c.webm"]:
+        (tmp_path / rel).write_bytes(b"x")
+    return tmp_path
+
+
+def test_directories_are_walked_for_video_extensions(tree):
+    paths, problems = list_inputs([str(tree / "a")], EXTS)
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["two.MOV", "one.mp4"]
+    assert problems == []
+
+
+def test_globs_explicit_files_and_dedup(tree):
+    paths, _ = list_inputs([str(tree / "*.mp4"), str(tree / "b.mp4"), str(tree / "c.webm")], EXTS)
+    # An explicitly named file is taken whatever its extension; the same file twice is listed once.
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["b.mp4", "c.webm"]
+    recursive, _ = list_inputs([str(tree / "**" / "*.mp4")], EXTS)
+    assert len(recursive) == 2
+
+
+def test_missing_inputs_are_reported_not_fatal(tree):
+    paths, problems = list_inputs([str(tree / "nope.mp4"), str(tree / "x*.mp4"), str(tree / "b.mp4")], EXTS)
+    assert len(paths) == 1
+    assert [p["reason"] for p in problems] == ["not_found", "not_found"]
+    assert all(p["stage"] == "input" and "nope.mp4" in problems[0]["message"] for p in problems)
+
+
+def test_metadata_matches_by_path_then_by_unique_name(tree):
+    meta = tree / "meta.jsonl"
+    meta.write_text(
+        json.dumps({"video": "a/one.mp4", "caption": "one"}) + "\n\n"
+        + json.dumps({"video": "/elsewhere/b.mp4", "shots": [{"start_s": 0, "end_s": 2, "caption": "bee"}]}) + "\n"
+    )
+    entries = load_metadata(str(meta))
+    records = source_records([str(tree / "a" / "one.mp4"), str(tree / "b.mp4"), str(tree / "c.webm")], entries)
+    assert [r.meta.get("input_metadata", {}).get("caption") for r in records] == ["one", None, None]
+    assert records[1].meta["input_metadata"]["shots"][0]["caption"] == "bee"
+    assert "input_metadata" not in records[2].meta
+
+
+def test_metadata_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "m.jsonl"
+    bad.write_text('{"video": "a.mp4"}\n{not json\n')
+    with pytest.raises(InputError, match="m.jsonl, line 2"):
+        load_metadata(str(bad))
+    bad.write_text('{"caption": "no video"}\n')
+    with pytest.raises(InputError, match="line 1: expected an object with a 'video' path"):
+        load_metadata(str(bad))
+    bad.write_text('{"video": "a.mp4", "shots": [{"start_s": 0, "caption": "no end"}]}\n')
+    with pytest.raises(InputError, match="line 1: each shot needs numeric start_s and end_s"):
+        load_metadata(str(bad))
+    with pytest.raises(InputError, match="cannot read"):
+        load_metadata(str(tmp_path / "missing.jsonl"))
+
+
+def test_caption_for_span_prefers_the_most_overlapping_shot():
+    entry = {"caption": "whole", "shots": [{"start_s": 0, "end_s": 3, "caption": "A"}, {"start_s": 3, "end_s": 9, "caption": "B"}]}
+    assert caption_for_span(entry, 2.5, 6.0) == {"text": "B", "source": "metadata"}
+    assert caption_for_span(entry, 0.0, 2.0)["text"] == "A"
+    assert caption_for_span(entry, 20.0, 22.0)["text"] == "whole"
+    assert caption_for_span(None, 0, 1) is None
