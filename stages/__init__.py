@@ -1,77 +1,165 @@
-"""One module per stage. `build_flow` lists, in order, the stages a config runs (see docs/concepts.md)."""
+"""One module per stage, and the flow table: which stages a config runs, in order, the models each needs, and the
+offline substitute it uses where the design's model is not configured (docs/concepts.md). The flow, preflight,
+the description printed at the start of a run (and kept in its ledger line) and the funnel's stage order are all
+read from `FLOW`: adding a stage is adding a row."""
 
 from __future__ import annotations
 
-from stages.clip_extract import ClipExtractor
-from stages.entities import EntityExtractor
-from stages.probe import Prober
-from stages.quality import QualityFilter, QualityStats
-from stages.shot_cut import ShotCutter
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-FLOW = [Prober, ShotCutter, ClipExtractor, QualityStats, QualityFilter, EntityExtractor]
+from pipeline.core.config import ModelSpec, RunConfig
 
-
-def build_flow(config) -> list[type]:
-    """The stage classes this config runs: the fixed flow, with the model stages it enables in their places."""
-    flow = list(FLOW[:5])
-    if config.caption.model is not None:
-        from stages.captioning import Captioner
-
-        flow.append(Captioner)
-    dino = config.grounding.model is not None and config.grounding.backend == "grounding-dino"
-    if config.entities.model is not None:
-        from stages.vlm_entities import VlmEntityExtractor
-
-        if dino:
-            from stages.grounding import PersonGrounder
-
-            flow.append(PersonGrounder)
-        flow.append(VlmEntityExtractor)
-    else:
-        flow.append(EntityExtractor)
-    if config.grounding.model is not None:
-        if dino:
-            from stages.grounding import Grounder
-
-            flow.append(Grounder)
-        else:
-            from stages.saliency_grounding import SaliencyGrounder
-
-            flow.append(SaliencyGrounder)
-        if config.segmentation.enabled():
-            from stages.segmentation import Segmenter
-
-            flow.append(Segmenter)
-    if config.faces.enabled:
-        from stages.faces import FaceDetector
-
-        flow.append(FaceDetector)
-    if config.clip_score.model is not None:
-        from stages.clip_score import ClipScore
-
-        flow.append(ClipScore)
-    if config.grounding.model is not None:
-        # The S2V sample: instances filtered, consolidated across keyframes, cut into references, and a clean
-        # background plate. All of it needs boxes; without grounding, samples are plain captioned clips.
-        from stages.consolidation import Consolidator
-        from stages.inpainting import Inpainter
-        from stages.instances import InstanceFilter, InstanceStats
-        from stages.references import ReferenceCutter
-
-        flow += [InstanceStats, InstanceFilter, Consolidator, ReferenceCutter]
-        if config.redux.enabled():
-            from stages.redux import Reduxer
-
-            flow.append(Reduxer)
-        flow.append(Inpainter)
-        if config.metrics.enabled:
-            from stages.metrics import SampleMetrics
-
-            flow.append(SampleMetrics)  # last: it reads the finished references, plate and every stage's stats
-    return flow
+# (role for messages, the spec, how to locate its files; None = the loader's resolve_model_dir)
+Need = tuple[str, ModelSpec, Callable[[ModelSpec, str], object] | None]
 
 
-def preflight(config) -> None:
+def _never(_config: RunConfig) -> list:
+    return []
+
+
+def _none(_config: RunConfig) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One stage of the flow. `when` says whether a config runs it; `needs` the model files preflight must find
+    (asked of every config, whether the stage runs or not, so a model named in the config is always checked);
+    `substitute` the offline stand-in it uses, if any; `off` what a config turns off here (features too)."""
+
+    name: str
+    target: str  # "module:Class"
+    when: Callable[[RunConfig], bool] = lambda config: True
+    needs: Callable[[RunConfig], list[Need]] = field(default=_never)
+    substitute: Callable[[RunConfig], str | None] = field(default=_none)
+    off: Callable[[RunConfig], list[str]] = field(default=_never)
+
+    def stage_class(self) -> type:
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+def _grounded(config: RunConfig) -> bool:
+    """The S2V sample stages need boxes; without grounding, samples are plain captioned clips."""
+    return config.grounding.model is not None
+
+
+def _dino(config: RunConfig) -> bool:
+    return _grounded(config) and config.grounding.backend == "grounding-dino"
+
+
+def _spec(role: str, spec: ModelSpec | None, locate=None) -> list[Need]:
+    return [] if spec is None else [(role, spec, locate)]
+
+
+def _saliency_file(spec: ModelSpec, role: str):
+    from stages.saliency_grounding import saliency_model_file
+
+    return saliency_model_file(spec, role)
+
+
+def _mobile_sam_checkpoint(_spec: ModelSpec | None, _role: str):
+    from stages.segmentation import mobile_sam_checkpoint
+
+    return mobile_sam_checkpoint()
+
+
+def _segmentation_needs(config: RunConfig) -> list[Need]:
+    needs = _spec("segmentation", config.segmentation.model)
+    if _grounded(config) and config.segmentation.backend == "mobile_sam" and config.segmentation.model is None:
+        needs.append(("segmentation", None, _mobile_sam_checkpoint))  # the package's bundled MobileSAM weights
+    return needs
+
+
+def _metrics_substitute(config: RunConfig) -> str | None:
+    if config.clip_score.model is None or config.metrics.background_measure == "hsv":
+        return "background decoupling by HSV histogram correlation (instead of CLIP)"
+    return None
+
+
+def _metrics_off(config: RunConfig) -> list[str]:
+    if not _grounded(config):
+        return []
+    if not config.metrics.enabled:
+        return ["metrics"]
+    return ["metrics.dino_i"] if config.metrics.dino_model is None else []  # CLIP-I and faces still measure
+
+
+FLOW: list[Row] = [
+    Row("probe", "stages.probe:Prober"),
+    Row("shot_cut", "stages.shot_cut:ShotCutter"),
+    Row("clip_extract", "stages.clip_extract:ClipExtractor"),
+    Row("quality_stats", "stages.quality:QualityStats"),
+    Row("quality_filter", "stages.quality:QualityFilter"),
+    Row("caption", "stages.captioning:Captioner", when=lambda c: c.caption.model is not None,
+        needs=lambda c: _spec("caption", c.caption.model),
+        substitute=lambda c: None if c.caption.model is not None
+        else "captions from the input metadata (no caption.model: Qwen2.5-VL)"),
+    # Grounding DINO finds the people first, so the VLM binds attributes to boxes it has seen.
+    Row("person_grounding", "stages.grounding:PersonGrounder",
+        when=lambda c: c.entities.model is not None and _dino(c)),
+    Row("entities", "stages.vlm_entities:VlmEntityExtractor", when=lambda c: c.entities.model is not None,
+        needs=lambda c: _spec("entities", c.entities.model),
+        substitute=lambda c: None if c.entities.model is not None
+        else "taxonomy matching on the caption (no entities.model: Qwen2.5-VL)"),
+    Row("entities", "stages.entities:EntityExtractor", when=lambda c: c.entities.model is None),
+    Row("grounding", "stages.grounding:Grounder", when=_dino,
+        needs=lambda c: _spec("grounding", c.grounding.model, _saliency_file if c.grounding.backend == "saliency"
+                              else None),
+        off=lambda c: [] if _grounded(c) else ["grounding"]),
+    Row("grounding", "stages.saliency_grounding:SaliencyGrounder",
+        when=lambda c: _grounded(c) and c.grounding.backend == "saliency",
+        substitute=lambda c: "U2-Net-p salient regions bound to entities by rule (instead of Grounding DINO: no "
+        "open-vocabulary labels)" if _grounded(c) and c.grounding.backend == "saliency" else None),
+    Row("segmentation", "stages.segmentation:Segmenter", when=lambda c: _grounded(c) and c.segmentation.enabled(),
+        needs=_segmentation_needs,
+        substitute=lambda c: "MobileSAM real weights (instead of SAM ViT-H)"
+        if _grounded(c) and c.segmentation.backend == "mobile_sam" else None,
+        off=lambda c: [] if _grounded(c) and c.segmentation.enabled() else ["segmentation"]),
+    Row("faces", "stages.faces:FaceDetector", when=lambda c: c.faces.enabled,
+        needs=lambda c: _spec("faces", c.faces.model) if c.faces.enabled else [],
+        substitute=lambda c: "dlib HOG + ResNet-128 real weights (instead of InsightFace buffalo_l)"
+        if c.faces.enabled and c.faces.backend == "dlib" else None,
+        off=lambda c: [] if c.faces.enabled else ["faces"]),
+    Row("clip_score", "stages.clip_score:ClipScore", when=lambda c: c.clip_score.model is not None,
+        needs=lambda c: _spec("clip_score", c.clip_score.model),
+        off=lambda c: [] if c.clip_score.model is not None else ["clip_score"]),
+    Row("instance_stats", "stages.instances:InstanceStats", when=_grounded),
+    Row("instance_filter", "stages.instances:InstanceFilter", when=_grounded),
+    Row("consolidation", "stages.consolidation:Consolidator", when=_grounded),
+    Row("references", "stages.references:ReferenceCutter", when=_grounded),
+    # Without the FLUX Redux models its share of the reference mix goes to the other variants.
+    Row("redux", "stages.redux:Reduxer", when=lambda c: _grounded(c) and c.redux.enabled(),
+        needs=lambda c: [("redux", c.redux.model, None), ("redux base", c.redux.base_model, None)]
+        if _grounded(c) and c.redux.enabled() else [],
+        off=lambda c: ["references.redux"] if _grounded(c) and not c.redux.enabled() else []),
+    Row("inpainting", "stages.inpainting:Inpainter", when=_grounded,
+        needs=lambda c: _spec("inpaint", c.inpaint.model) if _grounded(c) and c.inpaint.backend == "flux-fill"
+        else [],
+        substitute=lambda c: "OpenCV Telea fill on CPU (instead of FLUX.1-Fill)"
+        if _grounded(c) and c.inpaint.backend == "opencv" else None),
+    # Last: it reads the finished references, the plate and every stage's stats.
+    Row("metrics", "stages.metrics:SampleMetrics", when=lambda c: _grounded(c) and c.metrics.enabled,
+        needs=lambda c: _spec("metrics.dino_model", c.metrics.dino_model) if _grounded(c) and c.metrics.enabled
+        else [],
+        substitute=lambda c: _metrics_substitute(c) if _grounded(c) and c.metrics.enabled else None,
+        off=_metrics_off),
+]
+
+
+def build_flow(config: RunConfig) -> list[type]:
+    """The stage classes this config runs, in flow order."""
+    return [row.stage_class() for row in FLOW if row.when(config)]
+
+
+def stage_order() -> list[str]:
+    """Every stage name the flow can hold, in flow order (the funnel's order)."""
+    return list(dict.fromkeys(row.name for row in FLOW))
+
+
+def preflight(config: RunConfig) -> None:
     """Fail before any work when a configured model or the taxonomy cannot be found: one clear message instead of
     every worker failing the same way. Only locates files; loading happens once per worker in `setup()`."""
     import yaml
@@ -81,85 +169,30 @@ def preflight(config) -> None:
     from taxonomies.matcher import Taxonomy
 
     problems = []
-    for role in ("caption", "entities", "grounding", "segmentation", "faces", "clip_score"):
-        spec = getattr(getattr(config, role), "model", None)
-        if spec is not None and (role != "faces" or config.faces.enabled):
+    for row in FLOW:
+        for role, spec, locate in row.needs(config):
             try:
-                if role == "grounding" and config.grounding.backend == "saliency":
-                    from stages.saliency_grounding import saliency_model_file
-
-                    saliency_model_file(spec, role)
-                else:
-                    resolve_model_dir(spec, role)
+                (locate or resolve_model_dir)(spec, role)
             except ModelUnavailable as exc:
                 problems.append(str(exc))
-    if config.grounding.model is not None:
-        generative = [("inpaint", config.inpaint.model)] if config.inpaint.backend == "flux-fill" else []
-        if config.redux.enabled():
-            generative += [("redux", config.redux.model), ("redux base", config.redux.base_model)]
-        for role, spec in generative:
-            try:
-                resolve_model_dir(spec, role)
-            except ModelUnavailable as exc:
-                problems.append(str(exc))
-    if config.grounding.model is not None and config.segmentation.backend == "mobile_sam":
-        from stages.segmentation import mobile_sam_checkpoint
-
-        try:
-            if config.segmentation.model is None:
-                mobile_sam_checkpoint()
-        except ModelUnavailable as exc:
-            problems.append(str(exc))
-    if config.grounding.model is not None and config.metrics.enabled and config.metrics.dino_model is not None:
-        try:
-            resolve_model_dir(config.metrics.dino_model, "metrics.dino_model")
-        except ModelUnavailable as exc:
-            problems.append(str(exc))
     try:
-        Taxonomy.load(config.entities.taxonomy)
+        Taxonomy.load(config.entities.taxonomy)  # every flow matches entities to it
     except (OSError, ValueError, yaml.YAMLError) as exc:
         problems.append(f"entities.taxonomy: {exc}")
     if problems:
-        raise ConfigError("\n".join(problems))
+        raise ConfigError("\n".join(dict.fromkeys(problems)))
 
 
-def describe_flow(config) -> dict:
+def describe_flow(config: RunConfig) -> dict:
     """What this config runs, where it uses an offline substitute for the design's model, and what is off.
     Printed at the start of a run and kept in its ledger entry, so every output says how it was made."""
     substitutes, off = {}, []
-    if config.caption.model is None:
-        substitutes["caption"] = "captions from the input metadata (no caption.model: Qwen2.5-VL)"
-    if config.entities.model is None:
-        substitutes["entities"] = "taxonomy matching on the caption (no entities.model: Qwen2.5-VL)"
-    if config.faces.enabled and config.faces.backend == "dlib":
-        substitutes["faces"] = "dlib HOG + ResNet-128 real weights (instead of InsightFace buffalo_l)"
-    if config.grounding.model is not None and config.grounding.backend == "saliency":
-        substitutes["grounding"] = ("U2-Net-p salient regions bound to entities by rule (instead of Grounding "
-                                    "DINO: no open-vocabulary labels)")
-    if config.grounding.model is not None and config.segmentation.backend == "mobile_sam":
-        substitutes["segmentation"] = "MobileSAM real weights (instead of SAM ViT-H)"
-    if config.grounding.model is None:
-        off.append("grounding")
-    if config.grounding.model is None or not config.segmentation.enabled():
-        off.append("segmentation")
-    if config.clip_score.model is None:
-        off.append("clip_score")
-    if config.grounding.model is not None:
-        if config.inpaint.backend == "opencv":
-            substitutes["inpainting"] = "OpenCV Telea fill on CPU (instead of FLUX.1-Fill)"
-        if not config.redux.enabled():
-            off.append("references.redux")  # no FLUX Redux models: its share of the mix goes to the others
-        if config.metrics.enabled:
-            if config.clip_score.model is None or config.metrics.background_measure == "hsv":
-                substitutes["metrics"] = "background decoupling by HSV histogram correlation (instead of CLIP)"
-            if config.metrics.dino_model is None:
-                off.append("metrics.dino_i")  # no DINOv2 model: CLIP-I (with clip_score) and faces still measure
-        else:
-            off.append("metrics")
-    if not config.faces.enabled:
-        off.append("faces")
-    return {"stages": [cls.name for cls in build_flow(config)], "substitutes": substitutes, "off": off}
+    for row in FLOW:
+        text = row.substitute(config)
+        if text:
+            substitutes[row.name] = text
+        off += [name for name in row.off(config) if name not in off]
+    return {"stages": [row.name for row in FLOW if row.when(config)], "substitutes": substitutes, "off": off}
 
 
-__all__ = ["FLOW", "ClipExtractor", "EntityExtractor", "Prober", "QualityFilter", "QualityStats", "ShotCutter",
-           "build_flow", "describe_flow", "preflight"]
+__all__ = ["FLOW", "Row", "build_flow", "describe_flow", "preflight", "stage_order"]

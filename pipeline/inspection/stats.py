@@ -25,8 +25,9 @@ from rich.table import Table
 from pipeline.core.config import face_thresholds
 from pipeline.core.errors import UserFacingError
 from pipeline.core.names import shard_path
+from pipeline.store.funnel import Funnel, recorded_order
 from pipeline.store.ledger import LEDGER_NAME, SHARD_DIR, Ledger, LedgerState, own_sample_shards
-from pipeline.store.outputs import STAGE_ORDER, summarize
+from pipeline.store.outputs import summarize
 from pipeline.store.shards import TMP_SUFFIX
 
 VARIANTS = ("crop", "segment", "inpaint", "redux")
@@ -377,35 +378,12 @@ def shard_stats(out_dir: str | Path) -> dict:
     return summarize_run(load_run(out_dir))
 
 
-def _merged_funnel(summaries: list[dict]) -> list[dict]:
+def _merged_funnel(runs: list[RunData], summaries: list[dict]) -> list[dict]:
     """The funnels of several directories as one: removals summed per (unit, stage), the chain recomputed."""
-    removed: dict[tuple[str, str], Counter] = defaultdict(Counter)
-    totals = Counter()
+    funnel = Funnel()
     for summary in summaries:
-        for step in summary["funnel"]:
-            if step["stage"] in ("input", "clip_plan", "write"):
-                totals[(step["stage"], "in")] += step["in"]
-                totals[(step["stage"], "out")] += step["out"]
-            removed[(step["unit"], step["stage"])].update(step["removed"])
-    rank = {stage: i for i, stage in enumerate(STAGE_ORDER)}
-    funnel = [{"stage": "input", "unit": "sources", "in": totals[("input", "in")], "out": totals[("input", "out")],
-               "removed": dict(removed[("sources", "input")])}]
-    remaining = totals[("input", "out")]
-    for unit in ("sources", "clips"):
-        if unit == "clips":
-            funnel.append({"stage": "clip_plan", "unit": "clips", "in": remaining,
-                           "out": totals[("clip_plan", "out")], "removed": {}})
-            remaining = totals[("clip_plan", "out")]
-        stages = sorted((s for u, s in removed if u == unit and s not in ("input", "clip_plan", "write")),
-                        key=lambda s: rank.get(s, len(rank)))
-        for stage in stages:
-            gone = sum(removed[(unit, stage)].values())
-            funnel.append({"stage": stage, "unit": unit, "in": remaining, "out": remaining - gone,
-                           "removed": dict(removed[(unit, stage)])})
-            remaining -= gone
-    funnel.append({"stage": "write", "unit": "samples", "in": remaining, "out": totals[("write", "out")],
-                   "removed": {}})
-    return funnel
+        funnel.add_rows(summary["funnel"])
+    return funnel.rows(recorded_order(line for run in runs for line in run.state.runs))
 
 
 def pooled_facts(runs: list[RunData]) -> SampleFacts:
@@ -435,7 +413,7 @@ def combine(runs: list[RunData]) -> dict:
     summed = ("sources", "duplicates", "clips", "samples", "shards", "bytes", "input_video_hours",
               "sample_video_hours")
     combined: dict = {k: sum(s[k] for s in summaries) for k in summed}
-    combined["funnel"] = _merged_funnel(summaries)
+    combined["funnel"] = _merged_funnel(runs, summaries)
     instances = [s["instances"] for s in summaries if s["instances"]]
     combined["instances"] = {
         "total": sum(i["total"] for i in instances), "valid": sum(i["valid"] for i in instances),

@@ -38,10 +38,11 @@ from pipeline.run.pools import (
     ceiling,
     cpu_scale,
 )
-from pipeline.run.progress import RunProgress, StageFunnel
+from pipeline.run.progress import RunProgress
 from pipeline.run.worker import limit_threads, named_actor_class, named_task_fn
 from pipeline.sources.inputs import list_inputs, load_metadata, source_records
 from pipeline.store.assemble import SourceAssembly, SourceCollector
+from pipeline.store.funnel import Funnel
 from pipeline.store.ledger import SPOOL_DIR, Ledger
 from pipeline.store.outputs import write_outputs, write_summary
 from pipeline.store.shards import ShardSink
@@ -377,9 +378,9 @@ def _commit_stream(stream, total: int, out: Path, config: RunConfig, ledger: Led
     collector = SourceCollector(out / SPOOL_DIR, config.hash())
     seen_ids = set(state.sources)
     counts = {"sources": 0, "clips": 0, "samples": 0, "video_s": 0.0}
-    refresher = SummaryRefresher(out, ledger, run_id, total, counts, config.ray.summary_every_s)
-    funnel = StageFunnel(stage_names)
-    progress = RunProgress(funnel, console, disable=not config.ray.progress)
+    refresher = SummaryRefresher(out, ledger, run_id, total, counts, config.ray.summary_every_s, stage_names)
+    funnel = Funnel()
+    progress = RunProgress(funnel, stage_names, console, disable=not config.ray.progress)
     with progress, refresher:
         task = progress.add_task("curate", total=total, samples=0)
         for record in stream:
@@ -431,8 +432,10 @@ class SummaryRefresher:
     """Rewrites summary.json every `every_s` seconds while a run streams (status "running" plus this run's
     progress), so a watcher (`cat`, a dashboard, `s2v shards stats`) sees the run move without waiting for its end."""
 
-    def __init__(self, out: Path, ledger: Ledger, run_id: str, total: int, counts: dict, every_s: float):
+    def __init__(self, out: Path, ledger: Ledger, run_id: str, total: int, counts: dict, every_s: float,
+                 stages: list[str]):
         self.out, self.ledger, self.run_id, self.total, self.counts, self.every_s = out, ledger, run_id, total, counts, every_s
+        self.stages = stages  # the funnel's order before this run's ledger line records it
         self.lock = threading.Lock()
         self.started = time.time()
         self._stop = threading.Event()
@@ -457,6 +460,6 @@ class SummaryRefresher:
                         "sources_total": self.total, **self.counts,
                         "clips_per_s": round(self.counts["clips"] / elapsed, 4) if elapsed > 0 else 0.0}
             try:
-                write_summary(self.out, self.ledger.read(), progress=progress)
+                write_summary(self.out, self.ledger.read(), progress=progress, order=self.stages)
             except OSError as exc:  # a full disk must not kill the run that is writing the data
                 logging.getLogger(__name__).warning("could not refresh %s/summary.json: %s", self.out, exc)

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.store.funnel import Funnel, recorded_order
 from pipeline.store.ledger import LedgerState
-
-# Where each unit leaves the flow, in flow order: the funnel is reported in this order.
-STAGE_ORDER = ["input", "probe", "shot_cut", "clip_extract", "quality_stats", "quality_filter", "caption",
-               "person_grounding", "entities", "grounding", "segmentation", "faces", "clip_score", "instance_stats",
-               "instance_filter", "consolidation", "references", "redux", "inpainting"]
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -58,31 +54,24 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _stage_rank(stage: str) -> int:
-    return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
-
-
 def _input_errors(state: LedgerState, transient: list[dict] | None) -> list[dict]:
     return list(state.input_errors.values()) + list(transient or [])
 
 
-def summarize(state: LedgerState, transient_errors: list[dict] | None = None) -> dict:
+def summarize(state: LedgerState, transient_errors: list[dict] | None = None, order: list[str] | None = None) -> dict:
     """Funnel (per stage and unit: how many went in, came out, and were removed for which reason), totals and
-    the throughput of each run. Source-level removals come first: a source removed whole never planned clips."""
-    removed: dict[tuple[str, str], Counter] = defaultdict(Counter)
-    sources = clips = samples = 0
+    the throughput of each run. Source-level removals come first: a source removed whole never planned clips.
+    `order`: the flow's stage order (default: the one the runs recorded)."""
+    funnel = Funnel()
     video_s = 0.0
     variants, requested, rejected, instances = Counter(), Counter(), Counter(), Counter()
     for entry in state.sources.values():
-        sources += 1
+        funnel.add(entry)
         video_s += entry.get("duration_s") or 0.0
         if entry["status"] != "curated":
-            removed[("sources", entry["stage"])][entry["reason"]] += 1
             continue
         for clip in entry["clips"]:
-            clips += 1
             if clip["status"] != "kept":
-                removed[("clips", clip["stage"])][clip["reason"]] += 1
                 continue
             variants.update(clip.get("variants") or {})
             requested.update(clip.get("requested") or {})
@@ -91,40 +80,21 @@ def summarize(state: LedgerState, transient_errors: list[dict] | None = None) ->
                 instances["total"] += counts["total"]
                 instances["valid"] += counts["valid"]
                 rejected.update(counts["rejected"])
-        samples += len(entry["samples"])
     input_errors = _input_errors(state, transient_errors)
-    funnel = [
-        {
-            "stage": "input",
-            "unit": "sources",
-            "in": sources + len(input_errors) + len(state.duplicates),
-            "out": sources,
-            "removed": dict(Counter([e["reason"] for e in input_errors] + ["duplicate"] * len(state.duplicates))),
-        }
-    ]
-    remaining = {"sources": sources, "clips": clips}
-    for unit in ("sources", "clips"):
-        if unit == "clips":
-            funnel.append({"stage": "clip_plan", "unit": "clips", "in": remaining["sources"], "out": clips, "removed": {}})
-        for (u, stage) in sorted((k for k in removed if k[0] == unit), key=lambda k: _stage_rank(k[1])):
-            gone = sum(removed[(u, stage)].values())
-            funnel.append({"stage": stage, "unit": unit, "in": remaining[unit], "out": remaining[unit] - gone,
-                           "removed": dict(removed[(u, stage)])})
-            remaining[unit] -= gone
-    funnel.append({"stage": "write", "unit": "samples", "in": remaining["clips"], "out": samples, "removed": {}})
+    funnel.input_removed.update([e["reason"] for e in input_errors] + ["duplicate"] * len(state.duplicates))
 
     kept_s = sum(s["duration_s"] for e in state.sources.values() for s in e["samples"])
     runs = [dict(r) for r in state.runs]
     return {
-        "sources": sources,
+        "sources": funnel.sources,
         "duplicates": len(state.duplicates),
-        "clips": clips,
-        "samples": samples,
+        "clips": funnel.clips,
+        "samples": funnel.samples,
         "shards": len(state.shards),
         "bytes": sum(s["bytes"] for s in state.shards.values()),
         "input_video_hours": video_s / 3600,
         "sample_video_hours": kept_s / 3600,
-        "funnel": funnel,
+        "funnel": funnel.rows(order or recorded_order(state.runs)),
         # Of the kept samples: instances and their filter reasons, and the reference variant mix (what was asked
         # by the ratio, and what was made once unavailable variants were drawn again).
         "instances": {**instances, "rejected": dict(rejected)} if instances else None,
@@ -173,9 +143,10 @@ def write_outputs(out_dir: str | Path, state: LedgerState, transient_errors: lis
 
 
 def write_summary(out_dir: str | Path, state: LedgerState, transient_errors: list[dict] | None = None,
-                  progress: dict | None = None) -> dict:
-    """summary.json alone: with `progress` while a run is going (status "running"), else the final one."""
-    summary = {"status": "running" if progress else "finished", **summarize(state, transient_errors)}
+                  progress: dict | None = None, order: list[str] | None = None) -> dict:
+    """summary.json alone: with `progress` while a run is going (status "running"), else the final one. `order`:
+    the running flow's stage order, before its run line records it."""
+    summary = {"status": "running" if progress else "finished", **summarize(state, transient_errors, order)}
     if progress:
         summary["progress"] = progress
     _atomic_write(Path(out_dir) / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))

@@ -7,8 +7,9 @@ from pipeline.core.config import build_config
 from pipeline.core.stage import run_stage, run_stages
 from pipeline.core.video import iter_frames, probe
 from pipeline.sources.inputs import source_records
-from stages import ClipExtractor, Prober, ShotCutter
-from stages.clip_extract import clip_key, output_frame_sources
+from stages.clip_extract import ClipExtractor, clip_key, output_frame_sources
+from stages.probe import Prober
+from stages.shot_cut import ShotCutter
 
 
 def cut(paths, overrides=(), metadata=None):
