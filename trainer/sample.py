@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from pipeline.models.loader import torch_dtype
 from trainer.config import TrainConfig
-from trainer.train import _dtype, _video_tokens, checkpoint_dirs, dit_inputs, encode_batch
+from trainer.train import _video_tokens, checkpoint_dirs, dit_inputs, encode_batch
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -38,8 +39,8 @@ def load_for_sampling(checkpoint: Path, device: torch.device):
     weights.update(load_file(checkpoint / "ema.safetensors"))  # EMA values replace the raw weights they track
     model.load_state_dict(weights)
     model.to(device).eval()
-    vae = VideoVAE.from_pretrained(state["encoders"]["vae"], dtype=_dtype(cfg.vae.dtype), device=str(device))
-    text = TextEncoder.from_pretrained(state["encoders"]["text"], dtype=_dtype(cfg.text.dtype),
+    vae = VideoVAE.from_pretrained(state["encoders"]["vae"], dtype=torch_dtype(cfg.vae.dtype), device=str(device))
+    text = TextEncoder.from_pretrained(state["encoders"]["text"], dtype=torch_dtype(cfg.text.dtype),
                                        max_length=cfg.text.max_length, device=str(device))
     return cfg, model, vae, text
 

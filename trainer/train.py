@@ -389,7 +389,7 @@ def build_encoders(cfg: TrainConfig, out: Path, device: torch.device, is_main: b
     """The frozen VAE and text encoder, from their paths; `tiny` builds random tiny ones into out/encoders once
     (a resumed run reuses them, so its latents are the same)."""
     from pipeline.core.config import ModelSpec
-    from pipeline.models.loader import resolve_model_dir
+    from pipeline.models.loader import resolve_model_dir, torch_dtype
     from trainer.encoders import TextEncoder, VideoVAE, build_tiny_text_encoder, build_tiny_vae
 
     paths = {}
@@ -409,8 +409,8 @@ def build_encoders(cfg: TrainConfig, out: Path, device: torch.device, is_main: b
         if is_main:
             log(f"WARNING: {name} is a tiny RANDOM model ({target}): fine for smoke tests, useless for real "
                 f"training; set {name}.path to real weights (Wan2.1 VAE / UMT5)")
-    vae = VideoVAE.from_pretrained(paths["vae"], dtype=_dtype(cfg.vae.dtype), device=str(device))
-    text = TextEncoder.from_pretrained(paths["text"], dtype=_dtype(cfg.text.dtype), max_length=cfg.text.max_length,
+    vae = VideoVAE.from_pretrained(paths["vae"], dtype=torch_dtype(cfg.vae.dtype), device=str(device))
+    text = TextEncoder.from_pretrained(paths["text"], dtype=torch_dtype(cfg.text.dtype), max_length=cfg.text.max_length,
                                        device=str(device))
     return vae, text, paths
 
@@ -448,10 +448,6 @@ def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((tflops * 1e12 for gpu, tflops in PEAK_TFLOPS.items() if gpu in name), None)
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
 def _as_dict(model_config) -> dict:

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pipeline.core.errors import UserFacingError
 from pipeline.core.names import UnsafeName, check_key, shard_path
 from pipeline.core.video import VideoError, iter_frames
-from pipeline.store.shards import read_shard_samples
+from pipeline.store.shards import iter_members, read_shard_samples
 
 WIDTH = 1600
 MARGIN = 20
@@ -137,9 +137,8 @@ def _shard_members(out: Path, shard: str) -> list[str]:
     if not path.is_file():
         return []
     try:
-        with tarfile.open(path, "r:") as tar:
-            return [m.name for m in tar if m.isfile()]
-    except (tarfile.TarError, OSError):
+        return [f"{key}.{part}" for key, part, _member, _read in iter_members(path, shard)]
+    except (tarfile.TarError, OSError, UnsafeName):
         return []  # a damaged shard holds nothing showable; `s2v shards verify` says what is wrong with it
 
 

@@ -24,11 +24,11 @@ from rich.table import Table
 
 from pipeline.core.config import face_thresholds
 from pipeline.core.errors import UserFacingError
-from pipeline.core.names import shard_path
+from pipeline.core.names import UnsafeName, shard_path
 from pipeline.store.funnel import Funnel, recorded_order
 from pipeline.store.ledger import LEDGER_NAME, SHARD_DIR, Ledger, LedgerState, own_sample_shards
 from pipeline.store.outputs import summarize
-from pipeline.store.shards import TMP_SUFFIX
+from pipeline.store.shards import TMP_SUFFIX, iter_members
 
 VARIANTS = ("crop", "segment", "inpaint", "redux")
 TOP_N = 10  # rows of the terminal's category and attribute tables
@@ -204,13 +204,11 @@ def read_samples(out: Path, state: LedgerState, facts: SampleFacts) -> list[str]
     read = 0
     for shard in sorted(set(wanted.values())):
         try:
-            with tarfile.open(shard_path(out, shard), "r:") as tar:
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    if ext == "json" and member.isfile() and wanted.get(key) == shard:
-                        facts.add(json.loads(tar.extractfile(member).read()))
-                        read += 1
-        except (OSError, tarfile.TarError, json.JSONDecodeError) as exc:
+            for key, part, _member, read_member in iter_members(shard_path(out, shard), shard):
+                if part == "json" and wanted.get(key) == shard:
+                    facts.add(json.loads(read_member()))
+                    read += 1
+        except (OSError, tarfile.TarError, json.JSONDecodeError, UnsafeName) as exc:
             problems.append(f"{shard}: cannot read ({type(exc).__name__}: {exc})")
     if read < len(wanted) and not problems:
         problems.append(f"{len(wanted) - read} committed samples have no KEY.json in their shard")

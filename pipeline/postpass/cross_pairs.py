@@ -45,22 +45,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
-import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from pipeline.core.config import ConfigError, CrossPairsConfig, RunConfig, config_face_thresholds, face_thresholds
-from pipeline.core.files import file_sha256
-from pipeline.core.names import CROSS_PREFIX, KEY_SUFFIX, shard_path, split_member
-from pipeline.store.ledger import SHARD_DIR, Ledger, LedgerState, own_sample_shards
-from pipeline.store.shards import TMP_SUFFIX, image_png, mask_png, publish_shard, sample_json, shard_number
+from pipeline.core.names import CROSS_PREFIX, KEY_SUFFIX, shard_path
+from pipeline.store.ledger import Ledger, LedgerState, own_sample_shards
+from pipeline.store.shards import ShardWriter, image_png, iter_members, mask_png, sample_json, shard_number
 from stages.metrics import entity_face_cosine, face_cosine, face_flags, face_row, with_references
 
 # Bump when the construction changes: the digest then differs and the next run rebuilds the cross set.
@@ -162,29 +158,25 @@ def index_own_samples(out: Path, state: LedgerState
     embeddings: dict[str, np.ndarray] = {}
     crops: dict[str, np.ndarray] = {}
     for shard in sorted(set(own.values())):
-        with tarfile.open(shard_path(out, shard), "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_member(member.name, shard)
-                if own.get(key) != shard:
-                    continue
-                sample = samples.get(key)
-                if sample is None:
-                    sample = samples[key] = OwnSample(key, shard, "", "", {})
-                sample.members[ext] = (member.offset_data, member.size)
-                if ext == "json":
-                    meta = json.loads(tar.extractfile(member).read())
-                    sample.clip_id = meta.get("clip_id") or key
-                    sample.source_id = (meta.get("source") or {}).get("id") or key.split("-")[0]
-                    sample.references = [r for e in meta.get("entities", []) for r in e.get("references") or []]
-                    sample.faces = meta.get("faces") or []
-                    sample.detection_rows = {d["id"]: i for i, d in enumerate(meta.get("detections") or [])}
-                    sample.object_categories = {e["id"]: e.get("category") or e.get("word") or ""
-                                                for e in meta.get("entities", []) if e.get("kind") == "object"}
-                elif ext in ("faces.npy", "dclip.npy"):
-                    table = np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False)
-                    (embeddings if ext == "faces.npy" else crops)[key] = table
+        for key, ext, member, read in iter_members(shard_path(out, shard), shard):
+            if own.get(key) != shard:
+                continue
+            sample = samples.get(key)
+            if sample is None:
+                sample = samples[key] = OwnSample(key, shard, "", "", {})
+            sample.members[ext] = (member.offset_data, member.size)
+            if ext == "json":
+                meta = json.loads(read())
+                sample.clip_id = meta.get("clip_id") or key
+                sample.source_id = (meta.get("source") or {}).get("id") or key.split("-")[0]
+                sample.references = [r for e in meta.get("entities", []) for r in e.get("references") or []]
+                sample.faces = meta.get("faces") or []
+                sample.detection_rows = {d["id"]: i for i, d in enumerate(meta.get("detections") or [])}
+                sample.object_categories = {e["id"]: e.get("category") or e.get("word") or ""
+                                            for e in meta.get("entities", []) if e.get("kind") == "object"}
+            elif ext in ("faces.npy", "dclip.npy"):
+                table = np.load(io.BytesIO(read()), allow_pickle=False)
+                (embeddings if ext == "faces.npy" else crops)[key] = table
     ordered = [samples[k] for k in sorted(samples) if "json" in samples[k].members]
     return ordered, embeddings, crops
 
@@ -500,44 +492,6 @@ def _build_sample(out: Path, samples: list[OwnSample], plan: CrossPlan, embeddin
     return sample
 
 
-class _CrossShardWriter:
-    """webdataset.ShardWriter to `.tmp` names, each shard fsynced and renamed when complete (as ShardSink does);
-    nothing reaches the ledger here: the caller commits all shards in one line."""
-
-    def __init__(self, out: Path, config: RunConfig, start: int):
-        self.out = out
-        self.shards: list[dict] = []
-        self._keys: list[str] = []
-        self._writer = wds.ShardWriter(
-            str(out / SHARD_DIR / f"{CROSS_PREFIX}-%06d.tar{TMP_SUFFIX}"),
-            maxcount=config.output.shard_max_samples,
-            maxsize=config.output.shard_max_mb * 1e6,
-            post=self._finish,
-            start_shard=start,
-            verbose=0,
-            encoder=False,
-            mtime=0.0,  # reproducible tar headers
-        )
-
-    def write(self, sample: dict) -> str:
-        self._writer.write(sample)
-        self._keys.append(sample["__key__"])
-        return f"{SHARD_DIR}/{Path(self._writer.fname).name[: -len(TMP_SUFFIX)]}"
-
-    def _finish(self, tmp_path: str) -> None:
-        keys, self._keys = self._keys, []
-        if not keys:
-            os.unlink(tmp_path)
-            return
-        final = publish_shard(tmp_path)
-        self.shards.append({"shard": f"{SHARD_DIR}/{Path(final).name}", "nsamples": len(keys),
-                            "bytes": os.path.getsize(final), "sha256": file_sha256(final)})
-
-    def close(self) -> list[dict]:
-        self._writer.close()
-        return self.shards
-
-
 def build_cross_pairs(out_dir: str | Path, config: RunConfig, ledger: Ledger, state: LedgerState,
                       console=None) -> dict | None:
     """Bring the cross-pair set of `out_dir` up to date with its committed own samples.
@@ -568,8 +522,8 @@ def build_cross_pairs(out_dir: str | Path, config: RunConfig, ledger: Ledger, st
     rows: list[dict] = []
     if plans:
         start = max((shard_number(s["shard"]) + 1 for s in (current or {}).get("shards", [])), default=0)
-        (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        writer = _CrossShardWriter(out, config, start)
+        # Nothing reaches the ledger per shard: the caller commits all of them in one line.
+        writer = ShardWriter(out, CROSS_PREFIX, config.output, start, lambda shard, _keys: shards.append(shard))
         try:
             for plan in sorted(plans, key=lambda p: samples[p.base].key):
                 sample = _build_sample(out, samples, plan, embeddings, config_face_thresholds(config))
@@ -577,7 +531,7 @@ def build_cross_pairs(out_dir: str | Path, config: RunConfig, ledger: Ledger, st
                 rows.append({"key": sample["__key__"], "shard": shard, "base": samples[plan.base].key,
                              "kinds": plan.kinds()})
         finally:
-            shards = writer.close()
+            writer.close()
 
     kinds = Counter()
     for row in rows:

@@ -12,7 +12,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,36 +40,73 @@ def shard_number(name: str) -> int:
     return int(Path(name).name.split(".")[0].rsplit("-", 1)[1])
 
 
+class ShardWriter:
+    """The one shard writer: webdataset.ShardWriter into `SHARD_DIR/{prefix}-NNNNNN.tar.tmp`, each shard fsynced and
+    renamed to its real name when complete (`publish_shard`), then handed to `on_shard` as {"shard", "nsamples",
+    "bytes", "sha256"} with the keys it holds. Tar headers carry mtime 0, so the same samples give the same bytes."""
+
+    def __init__(self, out_dir: str | Path, prefix: str, cfg: OutputConfig, start: int,
+                 on_shard: Callable[[dict, list[str]], None]):
+        self.out_dir = Path(out_dir)
+        self.cfg = cfg
+        self.on_shard = on_shard
+        (self.out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        self._keys: list[str] = []
+        self._writer = wds.ShardWriter(
+            str(self.out_dir / SHARD_DIR / f"{prefix}-%06d.tar{TMP_SUFFIX}"),
+            maxcount=cfg.shard_max_samples,
+            maxsize=cfg.shard_max_mb * 1e6,
+            post=self._finish,
+            start_shard=start,
+            verbose=0,
+            encoder=False,
+            mtime=0.0,  # reproducible tar headers
+        )
+
+    def keep_together(self, nsamples: int, nbytes: int) -> None:
+        """Start a new shard unless these samples fit in the open one (a source's samples stay in one shard)."""
+        writer = self._writer
+        if writer.count and (writer.count + nsamples > self.cfg.shard_max_samples
+                             or writer.size + nbytes > self.cfg.shard_max_mb * 1e6):
+            writer.next_stream()
+
+    def write(self, sample: dict) -> str:
+        """Write one sample ({"__key__", ext: bytes}); returns the shard it goes into, relative to the output."""
+        self._writer.write(sample)
+        self._keys.append(sample["__key__"])
+        return _relname(self._writer.fname)
+
+    def _finish(self, tmp_path: str) -> None:
+        keys, self._keys = self._keys, []
+        if not keys:
+            os.unlink(tmp_path)
+            return
+        final = publish_shard(tmp_path)
+        self.on_shard({"shard": _relname(tmp_path), "nsamples": len(keys), "bytes": os.path.getsize(final),
+                       "sha256": file_sha256(final)}, keys)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _relname(tmp_path: str) -> str:
+    return f"{SHARD_DIR}/{Path(tmp_path).name[: -len(TMP_SUFFIX)]}"
+
+
 class ShardSink:
+    """Own samples, a whole source at a time: each finished shard is committed by a ledger line that carries the
+    source entries whose last sample it holds."""
+
     def __init__(self, out_dir: str | Path, cfg: OutputConfig, ledger: Ledger, state: LedgerState):
         self.out_dir = Path(out_dir)
         self.cfg = cfg
         self.ledger = ledger
         (self.out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         self._start = max((shard_number(n) + 1 for n in state.shards), default=0)
-        self._writer: wds.ShardWriter | None = None
-        self._open_keys: list[str] = []
+        self._writer: ShardWriter | None = None
         self._pending_sources: list[dict] = []
         self.shards_written = 0
         self.samples_written = 0
-
-    def _relname(self, tmp_path: str) -> str:
-        return f"{SHARD_DIR}/{Path(tmp_path).name[: -len(TMP_SUFFIX)]}"
-
-    def _open(self) -> wds.ShardWriter:
-        if self._writer is None:
-            pattern = str(self.out_dir / SHARD_DIR / f"{self.cfg.split}-%06d.tar{TMP_SUFFIX}")
-            self._writer = wds.ShardWriter(
-                pattern,
-                maxcount=self.cfg.shard_max_samples,
-                maxsize=self.cfg.shard_max_mb * 1e6,
-                post=self._commit_shard,
-                start_shard=self._start,
-                verbose=0,
-                encoder=False,
-                mtime=0.0,  # reproducible tar headers
-            )
-        return self._writer
 
     def add_source(self, entry: dict, samples: Iterable[dict]) -> None:
         """Write a source's samples ({"__key__", ext: bytes}); its ledger entry follows its last shard's. `samples`
@@ -78,39 +115,20 @@ class ShardSink:
         if not len(samples):
             self.ledger.append(entry)
             return
-        writer = self._open()
+        if self._writer is None:
+            self._writer = ShardWriter(self.out_dir, self.cfg.split, self.cfg, self._start, self._commit_shard)
         nbytes = getattr(samples, "nbytes", None)
         if nbytes is None:
             nbytes = sum(len(v) for s in samples for k, v in s.items() if k != "__key__")
-        if writer.count and (
-            writer.count + len(samples) > self.cfg.shard_max_samples or writer.size + nbytes > self.cfg.shard_max_mb * 1e6
-        ):
-            writer.next_stream()
+        self._writer.keep_together(len(samples), nbytes)
         rows = {row["key"]: row for row in entry["samples"]}
         for sample in samples:
-            writer.write(sample)
-            self._open_keys.append(sample["__key__"])
-            rows[sample["__key__"]]["shard"] = self._relname(writer.fname)
+            rows[sample["__key__"]]["shard"] = self._writer.write(sample)
         self.samples_written += len(samples)
         self._pending_sources.append(entry)
 
-    def _commit_shard(self, tmp_path: str) -> None:
-        keys, self._open_keys = self._open_keys, []
-        if not keys:
-            os.unlink(tmp_path)
-            return
-        final = publish_shard(tmp_path)
-        self.ledger.append(
-            {
-                "type": "shard",
-                "shard": self._relname(tmp_path),
-                "nsamples": len(keys),
-                "bytes": os.path.getsize(final),
-                "sha256": file_sha256(final),
-                "keys": keys,
-                "sources": self._pending_sources,
-            }
-        )
+    def _commit_shard(self, shard: dict, keys: list[str]) -> None:
+        self.ledger.append({"type": "shard", **shard, "keys": keys, "sources": self._pending_sources})
         self._pending_sources = []
         self.shards_written += 1
 
@@ -120,18 +138,24 @@ class ShardSink:
             self._writer = None
 
 
-def read_shard_samples(path: str | Path, keys: set[str] | None = None) -> dict[str, dict]:
-    """key -> {"__key__", ext: bytes} of the samples in one of our tars (all, or only `keys`), in tar order. Members
-    of other samples are skipped by their headers, so picking one sample out of a big shard reads only its bytes.
-    A member whose name is not a plain KEY.PART (a path, "..") raises UnsafeName: such a tar is not one of ours."""
-    samples: dict[str, dict] = {}
+def iter_members(path: str | Path, label: str | None = None) -> Iterator[tuple[str, str, tarfile.TarInfo, Callable[[], bytes]]]:
+    """The one shard reader: (key, part, tar member, read) for each file member of one of our tars, in tar order.
+    Names are checked as they come (`split_member`: a path, "..", or anything but KEY.PART raises UnsafeName,
+    naming `label`, else the path): such a tar is not one of ours. `read()` returns the member's bytes; members
+    nobody reads are skipped by their headers, so picking a few parts out of a big shard reads only their bytes."""
     with tarfile.open(path, "r:") as tar:
         for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = split_member(member.name, str(path))
-            if keys is None or key in keys:
-                samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+            if member.isfile():
+                key, part = split_member(member.name, label or str(path))
+                yield key, part, member, lambda member=member: tar.extractfile(member).read()
+
+
+def read_shard_samples(path: str | Path, keys: set[str] | None = None) -> dict[str, dict]:
+    """key -> {"__key__", part: bytes} of the samples in one of our tars (all, or only `keys`), in tar order."""
+    samples: dict[str, dict] = {}
+    for key, part, _member, read in iter_members(path):
+        if keys is None or key in keys:
+            samples.setdefault(key, {"__key__": key})[part] = read()
     return samples
 
 

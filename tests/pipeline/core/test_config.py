@@ -4,10 +4,17 @@ import yaml
 from pipeline.core.config import ConfigError, RunConfig, build_config, load_config
 
 
-def test_defaults_validate_and_recipes_load():
+def test_defaults_validate_and_recipes_load_and_round_trip():
     assert build_config().shots.backend == "pyscenedetect"
-    for recipe in ("configs/quickstart.yaml", "configs/gpu-cluster.yaml"):
-        assert isinstance(load_config(recipe), RunConfig)
+    quickstart, gpu = load_config("configs/quickstart.yaml"), load_config("configs/gpu-cluster.yaml")
+    # What the recipes are for: the offline substitutes on a laptop, the design's models on a GPU cluster.
+    assert quickstart.grounding.backend == "saliency" and quickstart.caption.model is None
+    assert gpu.grounding.backend == "grounding-dino" and gpu.caption.model is not None
+    assert gpu.hash() != quickstart.hash()
+    for config in (quickstart, gpu):
+        # What a run writes to config.yaml reads back as the same config (the same hash, so a resume matches).
+        again = RunConfig.model_validate(config.model_dump(mode="json"))
+        assert again == config and again.hash() == config.hash()
 
 
 def test_unknown_key_names_the_key_and_the_allowed_ones():
