@@ -9,8 +9,8 @@ in that one process), and its peak RSS is the child's own `ru_maxrss`; so is a b
 size (`pipeline.core.video.iter_frames`), for comparison. Then `input.limits` with a limit below
 1080p: the 10-minute input with `on_exceed: reject`, and the 1-minute one with `on_exceed: downscale`.
 Prints one JSON object on its last line:
-  {"decode_only": {...}, "peak_rss_mb_1min", "peak_rss_mb_10min", "rss_ratio_10min_vs_1min", "wall_s_1min", "wall_s_10min",
-   "limits_reject": {...}, "limits_downscale": {..., "peak_rss_mb"}, ...}
+  {"decode_only": {...}, "peak_rss_mb_1min", "peak_rss_mb_10min", "rss_ratio_10min_vs_1min", "wall_s_1min",
+   "wall_s_10min", "limits_reject": {...}, "limits_downscale": {..., "peak_rss_mb"}, ...}
 Bounded memory means rss_ratio_10min_vs_1min stays near 1.0.
 
     python benchmarks/memory.py [--config configs/quickstart.yaml] [--dir /tmp/s2v-memory-bench]
@@ -155,7 +155,8 @@ class RssSampler:
     def peaks_by_tenth(self) -> list[float]:
         """The peak of each tenth of the run's samples."""
         n = len(self.samples)
-        return [round(max(self.samples[i * n // 10:max(i * n // 10 + 1, (i + 1) * n // 10)]), 1) for i in range(10)] if n else []
+        return ([round(max(self.samples[i * n // 10:max(i * n // 10 + 1, (i + 1) * n // 10)]), 1) for i in range(10)]
+                if n else [])
 
 
 def child_decode(video: str) -> None:

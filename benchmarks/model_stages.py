@@ -1,6 +1,7 @@
 """Items/s of each model stage on this machine's CPU: the offline real-weight backends (dlib faces, taxonomy
-entities, U2-Net-p saliency grounding, MobileSAM segmentation) and tiny random-init models of the production classes (Qwen2.5-VL, Grounding
-DINO, SAM, open_clip), which measure the stage's own overhead around the model, not production model speed.
+entities, U2-Net-p saliency grounding, MobileSAM segmentation) and tiny random-init models of the production
+classes (Qwen2.5-VL, Grounding DINO, SAM, open_clip), which measure the stage's own overhead around the model,
+not production model speed.
 
 Each stage runs through `run_stage` on clip records made from real photos (3 keyframes of 640x360 per clip).
 Prints one JSON object on its last line: {"<stage>": {"items_per_s", "items", "model"}, ...}.

@@ -54,7 +54,8 @@ class Captioner(Stage):
         for record in todo:
             frames = [self.vlm.fit(frame) for frame in record.blobs["keyframes"]]
             text = self.prompt.safe_substitute(num_frames=len(frames))
-            chats.append([{"role": "user", "content": [{"type": "image"} for _ in frames] + [{"type": "text", "text": text}]}])
+            chats.append([{"role": "user",
+                           "content": [{"type": "image"} for _ in frames] + [{"type": "text", "text": text}]}])
             images.append(frames)
         replies = self.vlm.generate(chats, images, cfg.max_new_tokens)
 

@@ -133,10 +133,12 @@ class ClipExtractor(FanOutStage):
             for clip in opened.values():  # clips the video ended inside (or the consumer stopped early)
                 clip.encoder.close()
         for i in list(opened):
-            unfinished[i].fail(self.name, "truncated", f"{source.source_path}: the video ended at frame {index} inside this clip")
+            unfinished[i].fail(self.name, "truncated",
+                               f"{source.source_path}: the video ended at frame {index} inside this clip")
             yield unfinished.pop(i)
         for i in waiting:
-            unfinished[i].fail(self.name, "truncated", f"{source.source_path}: the video ended at frame {index} before this clip")
+            unfinished[i].fail(self.name, "truncated",
+                               f"{source.source_path}: the video ended at frame {index} before this clip")
             yield unfinished.pop(i)
 
     def _finish(self, clip: _OpenClip, size, fps_out: float) -> None:
@@ -154,4 +156,6 @@ class ClipExtractor(FanOutStage):
         record.meta["keyframes"] = [
             {"at": clip.keyframe_at[i], "frame": i} for i in sorted(clip.keyframes)
         ]
-        record.meta["provenance"][self.name] = f"pyav libx264 crf={self.config.clips.crf} preset={self.config.clips.preset}"
+        record.meta["provenance"][self.name] = (
+            f"pyav libx264 crf={self.config.clips.crf} preset={self.config.clips.preset}"
+        )

@@ -48,7 +48,8 @@ def instance_stats(detections: list[dict], masks, keyframes: np.ndarray, faces: 
         # Overlap with instances of *other* entities on the same frame: a box that mostly covers another subject
         # would give a reference with two subjects in it. Attribute parts lie inside their subject by design.
         others = [d["box"] for d in detections
-                  if d is not detection and d["keyframe"] == k and d.get("part") is None and detection.get("part") is None
+                  if d is not detection and d["keyframe"] == k and d.get("part") is None
+                  and detection.get("part") is None
                   and (d.get("entity") is None or d.get("entity") != detection.get("entity"))]
         face = None
         if is_human(detection, subjects):
@@ -75,7 +76,8 @@ def instance_decision(stats: dict, cfg: InstanceFilterConfig) -> list[str]:
         reasons.append("too_small")
     if stats["area"] > cfg.max_area:
         reasons.append("too_large")
-    if cfg.min_clip_score is not None and stats["clip_category"] is not None and stats["clip_category"] < cfg.min_clip_score:
+    if (cfg.min_clip_score is not None and stats["clip_category"] is not None
+            and stats["clip_category"] < cfg.min_clip_score):
         reasons.append("clip_category")
     if stats["max_iou"] > cfg.max_iou:
         reasons.append("overlap")
@@ -141,5 +143,7 @@ class InstanceFilter(Stage):
     def process(self, records: list[Record]) -> list[Record]:
         for record in records:
             detections = record.meta.get("detections") or []
-            record.meta.setdefault("stats", {})["instances"] = decide_instances(detections, self.config.filters.instances)
+            record.meta.setdefault("stats", {})["instances"] = decide_instances(
+                detections, self.config.filters.instances
+            )
         return records

@@ -50,7 +50,8 @@ class Prober(Stage):
                 record.fail(
                     self.name,
                     "too_long",
-                    f"{record.source_path}: {info.duration_s:.0f} s is over limits.max_duration_s={limits.max_duration_s:.0f}",
+                    f"{record.source_path}: {info.duration_s:.0f} s is over "
+                    f"limits.max_duration_s={limits.max_duration_s:.0f}",
                 )
             elif info.width > limits.max_width or info.height > limits.max_height:
                 message = (

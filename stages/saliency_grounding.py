@@ -45,7 +45,9 @@ def saliency_model_file(spec: ModelSpec, role: str = "grounding") -> Path:
     try:
         model_dir = resolve_model_dir(spec, role)
     except ModelUnavailable:
-        raise ModelUnavailable(f"{role} model '{spec.path}' (saliency backend) is not on this machine: {hint}") from None
+        raise ModelUnavailable(
+            f"{role} model '{spec.path}' (saliency backend) is not on this machine: {hint}"
+        ) from None
     path = model_dir / U2NETP.file
     if not path.is_file():
         raise ModelUnavailable(f"{role} model: {model_dir} has no {U2NETP.file}; {hint}")

@@ -137,7 +137,9 @@ class ShotCutter(Stage):
             torch.set_num_threads(max(1, int(self.resources.num_cpus)))
             # The package loads its bundled weights (MIT, 30 MB) inside the constructor, with torch.load's
             # weights_only default (True since torch 2.6).
-            self._model = TransNetV2(device="cuda" if self.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+            self._model = TransNetV2(
+                device="cuda" if self.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+            )
 
     def describe(self) -> str:
         return f"{self.backend} threshold={self.threshold}"

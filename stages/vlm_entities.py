@@ -174,7 +174,8 @@ def to_entities(answer: EntityAnswer, caption: str, taxonomy, box_priors: list[d
     """Entity dicts in the format of stages/entities.py, in caption order, subjects with a `box_prior`.
 
     `box_priors[n - 1]` is the box numbered n in the prompt (see `person_boxes`). Each subject is its own entity
-    (two men are two subjects with their own groups); objects and backgrounds are one entity per word. When a word is mentioned more than once ("a man on the left ... a man on the right"), each subject
+    (two men are two subjects with their own groups); objects and backgrounds are one entity per word. When a word
+    is mentioned more than once ("a man on the left ... a man on the right"), each subject
     takes the free mention whose part of the caption (up to the next mention of that word) holds most of its
     attributes, the earliest on a tie; objects take the first free mention."""
     taken: set[tuple[int, int]] = set()
@@ -326,7 +327,9 @@ class VlmEntityExtractor(Stage):
                 record.warn(self.name, "no caption, so no entities (configure captioning or give captions in metadata)")
             elif self.vlm is None:
                 record.meta["entities"] = extract_entities(caption, self.taxonomy)
-                record.meta.setdefault("provenance", {})[self.name] = "taxonomy match on the caption (no VLM configured)"
+                record.meta.setdefault("provenance", {})[self.name] = (
+                    "taxonomy match on the caption (no VLM configured)"
+                )
             else:
                 jobs.append(self._job(record, caption))
         # Every round asks all clips still without a valid answer in one generate call; a re-ask carries the
@@ -335,7 +338,8 @@ class VlmEntityExtractor(Stage):
         for _ in range(cfg.max_retries + 1):
             if not pending:
                 break
-            replies = self.vlm.generate([j["chat"] for j in pending], [j["images"] for j in pending], cfg.max_new_tokens)
+            replies = self.vlm.generate([j["chat"] for j in pending], [j["images"] for j in pending],
+                                        cfg.max_new_tokens)
             still = []
             for job, reply in zip(pending, replies):
                 job["answers"] += 1

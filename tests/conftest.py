@@ -124,7 +124,8 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
     """One file per kind of bad input the pipeline must survive, plus one good video."""
     d = tmp_path_factory.mktemp("bad")
     files = {name: d / f"{name}.mp4" for name in
-             ["zero_bytes", "text", "jpeg", "audio_only", "truncated_head", "truncated_tail", "three_frames", "huge", "good"]}
+             ["zero_bytes", "text", "jpeg", "audio_only", "truncated_head", "truncated_tail", "three_frames", "huge",
+              "good"]}
     files["zero_bytes"].write_bytes(b"")
     files["text"].write_text("this is not a video\n" * 20)
     _, jpeg = cv2.imencode(".jpg", cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))

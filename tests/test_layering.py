@@ -69,10 +69,7 @@ def violations(source: str, module: str) -> list[str]:
     allowed = ALLOWED[unit] | {unit}
     out = []
     for line, target in imports_of(source, module):
-        if target == "pipeline" or target == "pipeline.__version__":
-            target_unit = "pipeline"
-        else:
-            target_unit = unit_of(target)
+        target_unit = "pipeline" if target == "pipeline" or target == "pipeline.__version__" else unit_of(target)
         if target_unit not in allowed:
             out.append(f"{module}:{line} imports {target} ({unit} may import {', '.join(sorted(allowed))})")
         elif unit == "stages" and target_unit == "stages" and module != "stages" and target != "stages":

@@ -43,10 +43,12 @@ def _check_encoder(name: str, spec: str) -> None:
 
 
 @click.command("train")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML recipe, e.g. configs/train-tiny.yaml.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="YAML recipe, e.g. configs/train-tiny.yaml.")
 @click.option("--shards", help="Curated OUT/shards (or OUT); overrides data.shards.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run directory; overrides out_dir.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. optim.lr=3e-4.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. optim.lr=3e-4.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from the newest checkpoint in the run directory.")
 @user_errors
@@ -81,7 +83,8 @@ def train(config_path, shards, out_dir, overrides, resume):
     except (FileNotFoundError, RunError) as exc:  # missing shards (the loader names them), a run set up wrong
         raise TrainError(str(exc)) from None
     if metrics and trainer.is_main:
-        click.echo(f"done: step {metrics['step']}, loss {metrics['loss']:.4f}; checkpoints in {cfg.out_dir}/checkpoints")
+        click.echo(f"done: step {metrics['step']}, loss {metrics['loss']:.4f}; "
+                   f"checkpoints in {cfg.out_dir}/checkpoints")
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -46,7 +46,8 @@ def lr_factor(step: int, optim: OptimSection, total_steps: int) -> float:
 
 
 class EMA:
-    """Exponential moving average of the trainable weights, kept in fp32 next to them (sharded like them under FSDP2)."""
+    """Exponential moving average of the trainable weights, kept in fp32 next to them (sharded like them under
+    FSDP2)."""
 
     def __init__(self, model: torch.nn.Module, section: EmaSection):
         self.section = section
@@ -55,7 +56,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
-        """After optimizer step `step` (0-based): ema <- decay * ema + (1 - decay) * weights; a copy before start_step."""
+        """After optimizer step `step` (0-based): ema <- decay * ema + (1 - decay) * weights; a copy before
+        start_step."""
         weight = 1.0 if step < self.section.start_step else 1.0 - self.section.decay
         torch._foreach_lerp_(self.shadow, [p.float() for p in _trainable(model)], weight)
 
@@ -460,7 +462,8 @@ def _as_dict(model_config) -> dict:
 
 
 def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group and picks LOCAL_RANK's GPU."""
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group and picks LOCAL_RANK's
+    GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if world == 1:

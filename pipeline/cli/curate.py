@@ -17,10 +17,13 @@ def curate():
 
 @curate.command("run")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML recipe (see configs/).")
-@click.option("--input", "inputs", multiple=True, help="Video file, directory or glob; repeatable. Adds to input.paths.")
+@click.option("--input", "inputs", multiple=True,
+              help="Video file, directory or glob; repeatable. Adds to input.paths.")
 @click.option("--metadata", help="JSONL with per-video captions (input.metadata).")
-@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Output directory; rerun to resume.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. shots.backend=transnetv2.")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+              help="Output directory; rerun to resume.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. shots.backend=transnetv2.")
 @click.option("--address", help="Ray cluster to join (else RAY_ADDRESS, else an embedded local Ray).")
 @click.option("--sequential", is_flag=True, help="Run in this process without Ray (debugging, baselines).")
 @user_errors

@@ -11,9 +11,11 @@ from pipeline.core.errors import user_errors
 
 @click.command()
 @click.argument("video", type=click.Path(exists=True, dir_okay=False))
-@click.option("--backend", type=click.Choice(["pyscenedetect", "transnetv2"]), default="pyscenedetect", show_default=True)
+@click.option("--backend", type=click.Choice(["pyscenedetect", "transnetv2"]), default="pyscenedetect",
+              show_default=True)
 @click.option("--threshold", type=float, help="Detector threshold (default: 27 content score / 0.5 probability).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (always the output form; kept for scripts).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (always the output form; kept for scripts).")
 @user_errors
 def shots(video, backend, threshold, as_json):
     """Detect the shots of one VIDEO: prints {fps, cuts, shots} as JSON.
@@ -31,4 +33,5 @@ def shots(video, backend, threshold, as_json):
     info = probe(video)
     cuts, decoded, _error = cutter.detect(video, info.fps, info.width, info.height)
     shots_ = shots_from_cuts(cuts, decoded)
-    click.echo(json.dumps({"fps": info.fps, "num_frames": decoded, "cuts": [s[0] for s in shots_[1:]], "shots": shots_}))
+    click.echo(json.dumps({"fps": info.fps, "num_frames": decoded, "cuts": [s[0] for s in shots_[1:]],
+                           "shots": shots_}))

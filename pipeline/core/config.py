@@ -110,7 +110,9 @@ class QualityFilterConfig(_Section):
     @model_validator(mode="after")
     def _check_range(self):
         if self.min_brightness > self.max_brightness:
-            raise ValueError(f"min_brightness ({self.min_brightness}) must be <= max_brightness ({self.max_brightness})")
+            raise ValueError(
+                f"min_brightness ({self.min_brightness}) must be <= max_brightness ({self.max_brightness})"
+            )
         return self
 
 
@@ -118,7 +120,9 @@ class CaptionConfig(_Section):
     """VLM captioning (Qwen2.5-VL) over the keyframes. A caption given in the input metadata wins unless told."""
 
     model: ModelSpec | None = Field(None, description="Qwen2.5-VL directory or hub id; null = metadata captions only")
-    prompt_file: str | None = Field(None, description="prompt template; null = the bundled pipeline/models/prompts/caption.txt")
+    prompt_file: str | None = Field(
+        None, description="prompt template; null = the bundled pipeline/models/prompts/caption.txt"
+    )
     max_new_tokens: int = Field(160, ge=8)
     max_pixels: int = Field(360 * 640, ge=28 * 28, description="keyframes are resized to at most this many pixels")
     replace_metadata_captions: bool = False
@@ -131,7 +135,9 @@ class EntitiesConfig(_Section):
 
     taxonomy: str | None = Field(None, description="taxonomy YAML; null = the bundled taxonomies/subjects.yaml")
     model: ModelSpec | None = Field(None, description="Qwen2.5-VL for entity extraction; null = taxonomy matching")
-    prompt_file: str | None = Field(None, description="prompt template; null = the bundled pipeline/models/prompts/entities.txt")
+    prompt_file: str | None = Field(
+        None, description="prompt template; null = the bundled pipeline/models/prompts/entities.txt"
+    )
     max_new_tokens: int = Field(512, ge=16)
     max_retries: int = Field(2, ge=0, description="re-asks after malformed JSON before the clip gets an error")
     resources: StageResources = Field(default_factory=StageResources)
@@ -192,14 +198,18 @@ class FacesConfig(_Section):
     @model_validator(mode="after")
     def _check_model(self):
         if self.enabled and self.backend == "insightface" and self.model is None:
-            raise ValueError("backend insightface needs model.path (a directory with the detection/recognition ONNX files)")
+            raise ValueError(
+                "backend insightface needs model.path (a directory with the detection/recognition ONNX files)"
+            )
         return self
 
 
 class ClipScoreConfig(_Section):
     """CLIP scores (open_clip): caption-clip alignment and, per instance crop, a category check."""
 
-    model: ModelSpec | None = Field(None, description="open_clip model directory (open_clip_config.json + weights); null = off")
+    model: ModelSpec | None = Field(
+        None, description="open_clip model directory (open_clip_config.json + weights); null = off"
+    )
     resources: StageResources = Field(default_factory=StageResources)
 
 
@@ -223,7 +233,9 @@ class InstanceFilterConfig(_Section):
         if self.min_area > self.max_area:
             raise ValueError(f"min_area ({self.min_area}) must be <= max_area ({self.max_area})")
         if self.min_brightness > self.max_brightness:
-            raise ValueError(f"min_brightness ({self.min_brightness}) must be <= max_brightness ({self.max_brightness})")
+            raise ValueError(
+                f"min_brightness ({self.min_brightness}) must be <= max_brightness ({self.max_brightness})"
+            )
         return self
 
 
@@ -266,8 +278,10 @@ class ReduxConfig(_Section):
     share of `references.ratio` goes to the other variants."""
 
     model: ModelSpec | None = Field(None, description="FLUX.1-Redux-dev diffusers directory (FluxPriorReduxPipeline)")
-    base_model: ModelSpec | None = Field(None, description="FLUX.1-dev diffusers directory (FluxPipeline; its text "
-                                                           "encoders are not loaded: Redux's image prompt replaces them)")
+    base_model: ModelSpec | None = Field(
+        None, description="FLUX.1-dev diffusers directory (FluxPipeline; its text "
+                          "encoders are not loaded: Redux's image prompt replaces them)"
+    )
     steps: int = Field(28, ge=1)
     guidance_scale: float = Field(2.5, ge=0)
     size: int = Field(512, ge=64, description="long side of the generated reference, in pixels")
@@ -366,7 +380,8 @@ class MetricsConfig(_Section):
                     "backend's default (dlib 0.90: its own euclidean 0.6 rule; insightface 0.30)",
     )
     background_measure: Literal["auto", "hsv"] = Field(
-        "auto", description="auto: CLIP (clip_score.model) when configured, else HSV histogram correlation; hsv: always",
+        "auto",
+        description="auto: CLIP (clip_score.model) when configured, else HSV histogram correlation; hsv: always",
     )
     dino_model: ModelSpec | None = Field(None, description="DINOv2 directory for DINO-I (transformers); null = off")
     resources: StageResources = Field(default_factory=StageResources)

@@ -12,6 +12,8 @@ import traceback
 from collections.abc import Iterator
 from typing import ClassVar
 
+import numpy as np
+
 from pipeline.core.config import RunConfig, StageResources
 from pipeline.core.record import Record
 
@@ -23,6 +25,12 @@ class Stage:
     stateful: ClassVar[bool] = False
     # The config section whose `resources` this stage asks for; None = the defaults (1 CPU, 0.5 GB, batch 1).
     section: ClassVar[str | None] = None
+    # Blobs every record must carry for this stage (see INPUTS). `run_stage` checks them before `process` sees the
+    # batch and fails a record that lacks one (reason `no_<blob>`), so stages do not each guard their inputs.
+    requires: ClassVar[tuple[str, ...]] = ()
+    # What makes this stage's output (model, version, settings), set in `__init__` or `setup()`. `run_stage`
+    # records it as meta["provenance"][name] on every record the stage passes on (see `provenance_of`).
+    description: str | None = None
 
     def __init__(self, config: RunConfig):
         self.config = config
@@ -40,6 +48,11 @@ class Stage:
     def process(self, records: list[Record]) -> list[Record]:
         """Transform live records. Must not raise for bad input."""
         raise NotImplementedError
+
+    def provenance_of(self, record: Record) -> str | None:
+        """The provenance line for a record this stage passed on; None records none. Override when it depends on
+        the record (a caption kept from the metadata, a fallback taken for this record)."""
+        return self.description
 
 
 class FanOutStage(Stage):
@@ -92,6 +105,29 @@ def call_with_deadline(fn, seconds: float | None):
     return outcome["value"]
 
 
+def _keyframes_problem(blob) -> str | None:
+    if blob is None:
+        return "none"
+    if (not isinstance(blob, np.ndarray) or blob.dtype != np.uint8 or blob.ndim != 4 or blob.shape[-1] != 3
+            or len(blob) == 0):
+        return f"{getattr(blob, 'dtype', type(blob).__name__)} {getattr(blob, 'shape', '')}".strip()
+    return None
+
+
+# What a stage can declare in `requires`: the blob, what it must be, and why a given value is not that (None = ok).
+INPUTS = {"keyframes": ("uint8 (K, H, W, 3) keyframes, K >= 1", _keyframes_problem)}
+
+
+def missing_inputs(stage: Stage, record: Record) -> None:
+    """Fail `record` for the first input `stage` requires that it lacks."""
+    for name in stage.requires:
+        what, problem_of = INPUTS[name]
+        problem = problem_of(record.blobs.get(name))
+        if problem:
+            record.fail(stage.name, f"no_{name}", f"{stage.name} needs {what}; the record has {problem}")
+            return
+
+
 # Calls that timed out and may still be running: their process is replaced before its next batch.
 ABANDONED: list[threading.Thread] = []
 
@@ -101,6 +137,9 @@ def run_stage(stage: Stage, records: list[Record], timeout_s: float | None = Non
 
     `timeout_s` is per record: a batch gets that much per live record. When a batch fails or times out, each record
     is retried alone, so one bad or hanging input costs its own record only."""
+    for record in records:
+        if record.alive:
+            missing_inputs(stage, record)  # a record without a required input fails here and passes through
     done = [r for r in records if not r.alive]
     live = [r for r in records if r.alive]
     if not live:
@@ -124,6 +163,8 @@ def run_stage(stage: Stage, records: list[Record], timeout_s: float | None = Non
     share = max(1, len(out))
     for record in out:
         add_timing(record, stage.name, (time.perf_counter() - start) / share, (time.process_time() - cpu_start) / share)
+        if record.alive and (line := stage.provenance_of(record)) is not None:
+            record.meta.setdefault("provenance", {})[stage.name] = line
     return done + out
 
 

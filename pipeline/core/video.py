@@ -5,6 +5,7 @@ Decoding is always streamed frame by frame: no function here holds a whole video
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Iterator
@@ -250,10 +251,8 @@ class ClipEncoder:
 
     def close(self) -> None:
         """Release the encoder without producing output (for error paths)."""
-        try:
+        with contextlib.suppress(av.error.FFmpegError):
             self._container.close()
-        except av.error.FFmpegError:
-            pass
 
 
 def encode_video(path: str, frames, fps: float, **kw) -> None:

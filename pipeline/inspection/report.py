@@ -1,8 +1,9 @@
 """`s2v shards stats DIR... --html report.html`: one self-contained HTML file with the numbers and the plots.
 
 Plots are matplotlib figures (Agg, no pyplot state) inlined as base64 PNG; the page has no script and no external
-style sheet, so it opens anywhere, offline, and can be mailed as one file. The data is what `pipeline/inspection/stats.py`
-loads: the ledger (committed state only, so a running job can be reported on) and each committed sample's KEY.json.
+style sheet, so it opens anywhere, offline, and can be mailed as one file. The data is what
+`pipeline/inspection/stats.py` loads: the ledger (committed state only, so a running job can be reported on) and
+each committed sample's KEY.json.
 """
 
 from __future__ import annotations
@@ -380,8 +381,8 @@ def _section(sid: str, title: str, how: str, body: str) -> str:
 def _overview(summary: dict) -> str:
     dirs = summary["directories"]
     rows = [[d["out_dir"], d["sources"], d["clips"], d["samples"], d["cross"], d["shards"],
-             f"{d['bytes'] / 1e6:.1f}", f"{d['sample_video_hours'] * 60:.1f}", _f(d["video_hours_per_day_per_core"], ".1f"),
-             d["uncommitted_shards"]] for d in dirs]
+             f"{d['bytes'] / 1e6:.1f}", f"{d['sample_video_hours'] * 60:.1f}",
+             _f(d["video_hours_per_day_per_core"], ".1f"), d["uncommitted_shards"]] for d in dirs]
     if len(dirs) > 1:
         tp = summary["throughput"]["total"]
         rows.append(["total", summary["sources"], summary["clips"], summary["samples"],
@@ -506,7 +507,8 @@ def write_report(out_dirs: list, html_path: str | Path) -> Path:
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
             f"<style>{STYLE}</style></head><body><h1>{_e(title)}</h1>"
             f"<p>{summary['samples']} samples ({summary['cross_share']['cross']} cross-paired besides) in "
-            f"{summary['shards']} shard{'s' if summary['shards'] != 1 else ''}; {content['samples_read']} KEY.json read.</p>{nav}{''.join(parts)}</body></html>\n")
+            f"{summary['shards']} shard{'s' if summary['shards'] != 1 else ''}; "
+            f"{content['samples_read']} KEY.json read.</p>{nav}{''.join(parts)}</body></html>\n")
     path = Path(html_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

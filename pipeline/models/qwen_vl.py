@@ -60,7 +60,8 @@ class QwenVL:
         self.device = torch_device(spec)
 
     def describe(self) -> str:
-        return f"qwen2.5-vl {self.spec.path} dtype={self.spec.dtype} device={self.device} greedy max_pixels={self.max_pixels}"
+        return (f"qwen2.5-vl {self.spec.path} dtype={self.spec.dtype} device={self.device} "
+                f"greedy max_pixels={self.max_pixels}")
 
     def fit(self, rgb: np.ndarray) -> np.ndarray:
         """`rgb` resized to the size the processor would give it, so the processor leaves it as it is."""

@@ -193,8 +193,8 @@ def reference_embeddings(samples: list[OwnSample], embeddings: dict[str, np.ndar
         table = embeddings.get(sample.key)
         faces = sample.faces
         for ri, ref in enumerate(sample.references):
-            row = next((i for i, f in enumerate(faces) if ref.get("detection") and f.get("detection") == ref["detection"]),
-                       None)
+            row = next((i for i, f in enumerate(faces)
+                        if ref.get("detection") and f.get("detection") == ref["detection"]), None)
             if row is None or table is None or row >= len(table):
                 continue
             where.append((si, ri))
@@ -502,8 +502,8 @@ def build_cross_pairs(out_dir: str | Path, config: RunConfig, ledger: Ledger, st
     cfg = config.cross_pairs
     out = Path(out_dir)
     if config.output.split == CROSS_PREFIX:
-        raise ConfigError(f"output.split '{CROSS_PREFIX}' clashes with the cross-pair shards ({CROSS_PREFIX}-NNNNNN.tar); "
-                          "choose another split name")
+        raise ConfigError(f"output.split '{CROSS_PREFIX}' clashes with the cross-pair shards "
+                          f"({CROSS_PREFIX}-NNNNNN.tar); choose another split name")
     started = time.time()
     own = own_sample_shards(state)
     digest = own_digest(own, cfg)

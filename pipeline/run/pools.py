@@ -357,7 +357,8 @@ class PoolBalancer:
 
 def actor_bundle(remote_args: dict) -> dict[str, float]:
     """The placement-group bundle of one actor: exactly the CPUs, GPUs and memory its remote args ask for."""
-    wanted = {"CPU": remote_args.get("num_cpus"), "GPU": remote_args.get("num_gpus"), "memory": remote_args.get("memory")}
+    wanted = {"CPU": remote_args.get("num_cpus"), "GPU": remote_args.get("num_gpus"),
+              "memory": remote_args.get("memory")}
     return {key: value for key, value in wanted.items() if value}
 
 

@@ -2,8 +2,8 @@
 commit finished sources into shards from the driver.
 
 Consecutive stateless stages run together in one Ray task (so a source is decoded and cut without moving data
-between processes); model stages run in actor pools so their model loads once per actor. The driver only groups finished records
-by source and writes shards, which is cheap next to decoding.
+between processes); model stages run in actor pools so their model loads once per actor. The driver only groups
+finished records by source and writes shards, which is cheap next to decoding.
 """
 
 from __future__ import annotations
@@ -434,7 +434,9 @@ class SummaryRefresher:
 
     def __init__(self, out: Path, ledger: Ledger, run_id: str, total: int, counts: dict, every_s: float,
                  stages: list[str]):
-        self.out, self.ledger, self.run_id, self.total, self.counts, self.every_s = out, ledger, run_id, total, counts, every_s
+        self.out, self.ledger, self.run_id, self.total, self.counts, self.every_s = (
+            out, ledger, run_id, total, counts, every_s
+        )
         self.stages = stages  # the funnel's order before this run's ledger line records it
         self.lock = threading.Lock()
         self.started = time.time()

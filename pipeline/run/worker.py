@@ -59,7 +59,8 @@ class StageWorker:
             # native code and calls stuck past their deadline end with the process.
             os._exit(0)
         self.calls += 1
-        observe = (lambda stage, records, stopped: self.metrics.count(stage.name, records, stopped)) if self.metrics else None
+        observe = ((lambda stage, records, stopped: self.metrics.count(stage.name, records, stopped))
+                   if self.metrics else None)
         for records in run_stages(self.stages, table_to_records(batch), self.timeout_s, observe):
             if records:
                 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -92,7 +93,8 @@ class StageMetrics:
             if record.alive:
                 passed[record.kind] = passed.get(record.kind, 0) + 1
             elif id(record) not in stopped_before:
-                outcome, reason = ("dropped", record.drop["reason"]) if record.drop else ("failed", record.errors[-1]["reason"])
+                outcome, reason = (("dropped", record.drop["reason"]) if record.drop
+                                   else ("failed", record.errors[-1]["reason"]))
                 self.stopped.inc(1, {"stage": stage, "kind": record.kind, "outcome": outcome, "reason": reason})
         for kind, n in passed.items():
             self.passed.inc(n, {"stage": stage, "kind": kind})

@@ -30,7 +30,8 @@ def list_inputs(patterns: list[str], extensions: list[str]) -> tuple[list[str], 
         matches = sorted(glob.glob(expanded, recursive=True)) if glob.has_magic(expanded) else [expanded]
         if not matches or not any(os.path.exists(m) for m in matches):
             problems.append(
-                {"source": pattern, "stage": "input", "reason": "not_found", "message": f"no such file or directory: {pattern}"}
+                {"source": pattern, "stage": "input", "reason": "not_found",
+                 "message": f"no such file or directory: {pattern}"}
             )
             continue
         for match in matches:

@@ -163,7 +163,8 @@ class SourceAssembly:
         if self._source is None or record.kind == "source":
             src = record.meta.get("source", {})
             self._source = {"path": record.source_path, "source_id": record.source_id, "size": src.get("size"),
-                            "mtime_ns": src.get("mtime_ns"), "duration_s": (src.get("probe") or {}).get("duration_s", 0.0)}
+                            "mtime_ns": src.get("mtime_ns"),
+                            "duration_s": (src.get("probe") or {}).get("duration_s", 0.0)}
         status, stage, reason = _status(record)
         part = {
             "kind": record.kind,

@@ -41,7 +41,8 @@ class LedgerState:
     runs: list[dict] = field(default_factory=list)
     duplicates: dict[str, dict] = field(default_factory=dict)  # path -> entry of a file whose content came before
     input_errors: dict[tuple[str, str], dict] = field(default_factory=dict)  # (pattern, reason) -> entry
-    cross: dict | None = None  # the last "cross" entry: the current cross-pair shards (pipeline/postpass/cross_pairs.py)
+    # the last "cross" entry: the current cross-pair shards (pipeline/postpass/cross_pairs.py)
+    cross: dict | None = None
 
     def cross_shards(self) -> set[str]:
         """Shard paths (relative to OUT) of the current cross-pair set."""

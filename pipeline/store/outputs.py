@@ -44,7 +44,8 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 ERRORS_SCHEMA = pa.schema(
-    [("source", pa.string()), ("key", pa.string()), ("stage", pa.string()), ("reason", pa.string()), ("message", pa.string())]
+    [("source", pa.string()), ("key", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
+     ("message", pa.string())]
 )
 
 
@@ -122,7 +123,8 @@ def write_outputs(out_dir: str | Path, state: LedgerState, transient_errors: lis
         "wids_version": 1,
         "name": out.name,
         "shardlist": [
-            {"url": e["shard"], "nsamples": e["nsamples"], "filesize": e["bytes"], "sha256": e["sha256"]} for e in shards
+            {"url": e["shard"], "nsamples": e["nsamples"], "filesize": e["bytes"], "sha256": e["sha256"]}
+            for e in shards
         ],
         "total_samples": sum(e["nsamples"] for e in shards),
     }

@@ -1,9 +1,9 @@
 """The one shard writer: webdataset's ShardWriter, committing whole sources through the ledger.
 
 A source's samples are written together. A shard is written under a `.tmp` name, renamed when complete, and
-committed by one ledger line that also carries the entries of the sources whose last sample it holds. A source starts in a
-fresh shard when it does not fit the current one, so a shard can hold part of an uncommitted source only when
-that source alone fills it (and `Ledger.recover` removes such shards).
+committed by one ledger line that also carries the entries of the sources whose last sample it holds. A source
+starts in a fresh shard when it does not fit the current one, so a shard can hold part of an uncommitted source only
+when that source alone fills it (and `Ledger.recover` removes such shards).
 """
 
 from __future__ import annotations
@@ -138,7 +138,9 @@ class ShardSink:
             self._writer = None
 
 
-def iter_members(path: str | Path, label: str | None = None) -> Iterator[tuple[str, str, tarfile.TarInfo, Callable[[], bytes]]]:
+def iter_members(
+    path: str | Path, label: str | None = None
+) -> Iterator[tuple[str, str, tarfile.TarInfo, Callable[[], bytes]]]:
     """The one shard reader: (key, part, tar member, read) for each file member of one of our tars, in tar order.
     Names are checked as they come (`split_member`: a path, "..", or anything but KEY.PART raises UnsafeName,
     naming `label`, else the path): such a tar is not one of ours. `read()` returns the member's bytes; members

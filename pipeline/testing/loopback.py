@@ -7,11 +7,13 @@ address) and clients use token auth (`RAY_AUTH_MODE=token`, Ray's default for `r
 and Ray Jobs API listen on 127.0.0.1 only.
 
     with LoopbackCluster(nodes=2, cpus_per_node=1) as cluster:
-        ray.init(address=cluster.address)            # or s2v curate run --address ..., or Ray Jobs at cluster.dashboard_url
+        ray.init(address=cluster.address)            # or s2v curate run --address ...,
+                                                     # or Ray Jobs at cluster.dashboard_url
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -114,8 +116,9 @@ class LoopbackCluster:
             # A short temp dir of its own (Unix socket paths are limited to ~107 bytes) keeps this cluster out of
             # the machine's /tmp/ray/ray_current_cluster record, which plain `ray.init()` would otherwise follow.
             self.temp_dir = tempfile.mkdtemp(prefix="s2vray", dir="/tmp")
-            args += ["--head", f"--port={self.port}", f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}",
-                     "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true"]
+            args += ["--head", f"--port={self.port}", f"--ray-client-server-port={free_port()}",
+                     f"--temp-dir={self.temp_dir}", "--dashboard-host=127.0.0.1",
+                     f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true"]
         else:
             args += [f"--address={self.address}"]
         log = self.log_dir / f"node{index}.log"
@@ -212,10 +215,8 @@ def _busy(title: str, kinds: tuple[str, ...]) -> bool:
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _port_open(host: str, port: int) -> bool:

@@ -46,7 +46,9 @@ def embedding(identity: int, key: str) -> np.ndarray:
 def picture_crop(source: int, clip: int, height: int, width: int) -> np.ndarray:
     picture = PICTURES[source % len(PICTURES)]
     y, x = (clip * 37) % (picture.shape[0] - 200), (source * 23) % (picture.shape[1] - 200)
-    return np.ascontiguousarray(cv2.resize(picture[y:y + 200, x:x + 200], (width, height), interpolation=cv2.INTER_AREA))
+    return np.ascontiguousarray(
+        cv2.resize(picture[y:y + 200, x:x + 200], (width, height), interpolation=cv2.INTER_AREA)
+    )
 
 
 def ellipse_mask(height: int, width: int) -> np.ndarray:

@@ -65,7 +65,10 @@ def test_different_faces_are_different_identities():
 
 def test_max_clique_prefers_size_then_weight():
     edges = {(0, 1), (1, 2), (0, 2), (2, 3)}
-    linked = lambda a, b: (min(a, b), max(a, b)) in edges
+
+    def linked(a, b):
+        return (min(a, b), max(a, b)) in edges
+
     assert max_clique([0, 1, 2, 3], linked, weight=lambda n: 1.0) == [0, 1, 2]
     assert max_clique([2, 3], linked, weight=lambda n: 1.0) == [2, 3]
     assert max_clique([0, 3], linked, weight=lambda n: float(n)) == [3]

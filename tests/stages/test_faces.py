@@ -141,7 +141,8 @@ def test_with_grounding_faces_are_searched_inside_person_boxes_only(photos):
          "box": [x0 - 40, y0 - 40, x1 + 60, y1 + 120], "score": 0.9},
         {"id": "d1", "keyframe": 0, "entity": None, "label": "person", "part": None,
          "box": [x0 - 50, y0 - 50, x1 + 50, y1 + 50], "score": 0.8},
-        {"id": "d2", "keyframe": 1, "entity": None, "label": "person", "part": None, "box": [0, 0, 60, 60], "score": 0.7},
+        {"id": "d2", "keyframe": 1, "entity": None, "label": "person", "part": None,
+         "box": [0, 0, 60, 60], "score": 0.7},
     ]
     [out] = run_stage(FaceDetector(build_config()), [record])
     [face] = out.meta["faces"]  # found in both boxes, kept once, with the subject's box

@@ -43,7 +43,8 @@ def test_the_gpu_recipe_runs_every_stage_in_table_order():
 
 
 def test_preflight_names_every_missing_model_at_once(tmp_path):
-    config = build_config({}, [f"caption.model.path={tmp_path / 'no-qwen'}", f"clip_score.model.path={tmp_path / 'no-clip'}"])
+    config = build_config({}, [f"caption.model.path={tmp_path / 'no-qwen'}",
+                               f"clip_score.model.path={tmp_path / 'no-clip'}"])
     with pytest.raises(ConfigError) as err:
         preflight(config)
     assert "no-qwen" in str(err.value) and "no-clip" in str(err.value)

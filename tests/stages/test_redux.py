@@ -98,7 +98,8 @@ def test_the_flow_runs_redux_only_with_both_models(redux_config):
     plain = build_config({}, ["grounding.model.path=/unused"])
     assert "redux" not in [cls.name for cls in build_flow(plain)]
     assert "references.redux" in describe_flow(plain)["off"]
-    generative = build_config({}, ["grounding.model.path=/unused", "inpaint.backend=flux-fill", "inpaint.model.path=/x"])
+    generative = build_config({}, ["grounding.model.path=/unused", "inpaint.backend=flux-fill",
+                                   "inpaint.model.path=/x"])
     assert "inpainting" not in describe_flow(generative)["substitutes"]
     with pytest.raises(Exception, match="both model"):
         build_config({}, ["redux.model.path=/x"])

@@ -57,7 +57,10 @@ def test_real_weights_box_both_subjects_and_bind_them(grounder):
     assert run_stage(grounder, [record]) == [record] and record.errors == []
     detections = record.meta["detections"]
     assert [d["id"] for d in detections] == [f"d{i}" for i in range(len(detections))]
-    mirrored = lambda box: (WIDTH - box[2], box[1], WIDTH - box[0], box[3])
+
+    def mirrored(box):
+        return (WIDTH - box[2], box[1], WIDTH - box[0], box[3])
+
     for k, woman, cup in ((0, WOMAN, CUP), (1, mirrored(WOMAN), mirrored(CUP))):
         found = {d["entity"]: d for d in detections if d["keyframe"] == k}
         # The astronaut's region holds a frontal face: she is the caption's one human; the cup is what is left.

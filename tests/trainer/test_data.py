@@ -54,7 +54,7 @@ def check_contract(batch: dict) -> None:
     k = batch["refs"].shape[1]
     assert batch["video"].dtype == torch.float32 and batch["refs"].dtype == torch.float32
     assert batch["video"].shape[1] == 3 and batch["refs"].shape[0] == b and batch["refs"].shape[2] == 3
-    assert -1.0 <= batch["video"].min() and batch["video"].max() <= 1.0 and batch["video"].std() > 0.05
+    assert batch["video"].min() >= -1.0 and batch["video"].max() <= 1.0 and batch["video"].std() > 0.05
     assert batch["ref_valid"].dtype == torch.bool and batch["ref_valid"].shape == (b, k)
     for name in ("ref_subject", "ref_view", "ref_group", "ref_kind"):
         assert batch[name].dtype == torch.long and batch[name].shape == (b, k)

@@ -90,7 +90,8 @@ def test_shards_read_back_with_upstream_webdataset(curated):
             embeddings = np.load(io.BytesIO(sample["faces.npy"]))
             assert embeddings.shape == (len(meta["faces"]), 128)  # dlib's real ResNet embeddings
         assert meta["key"] == sample["__key__"]
-        assert meta["provenance"]["config_hash"] and meta["provenance"]["stages"]["shot_cut"].startswith("pyscenedetect")
+        assert (meta["provenance"]["config_hash"]
+                and meta["provenance"]["stages"]["shot_cut"].startswith("pyscenedetect"))
         assert meta["span"]["end_s"] > meta["span"]["start_s"]
     assert with_faces > 0  # the demo's astronaut is a real frontal face
     assert bound > 0  # salient regions tied to caption entities (the astronaut by her face)

@@ -59,7 +59,9 @@ def test_records_roundtrip_through_arrow_with_blobs():
     [back] = table_to_records(records_to_table([record]))
     assert back.get_bytes("mp4") == b"\x00\x01binary"
     np.testing.assert_array_equal(back.blobs["keyframes"], record.blobs["keyframes"])
-    assert (back.key, back.source_id, back.clips_planned, back.meta, back.drop) == ("k1", "abc", 3, {"x": [1, 2]}, record.drop)
+    assert (back.key, back.source_id, back.clips_planned, back.meta, back.drop) == (
+        "k1", "abc", 3, {"x": [1, 2]}, record.drop
+    )
 
 
 RELEASE = threading.Event()  # ends a hung stream once its test is done, so no thread outlives the test

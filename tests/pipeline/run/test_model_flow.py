@@ -23,7 +23,8 @@ def test_model_stages_compose_on_ray(tiny_model_dirs, demo_corpus, tmp_path):
     config = build_config({}, [
         f"caption.model.path={tiny_model_dirs['qwen']}", "caption.max_new_tokens=8", "caption.max_pixels=12544",
         f"caption.resources={small}",
-        f"grounding.model.path={tiny_model_dirs['gdino']}", "grounding.box_threshold=0.0", "grounding.text_threshold=0.0",
+        f"grounding.model.path={tiny_model_dirs['gdino']}", "grounding.box_threshold=0.0",
+        "grounding.text_threshold=0.0",
         f"grounding.resources={small}",
         f"segmentation.model.path={tiny_model_dirs['sam']}", f"segmentation.resources={small}",
         f"clip_score.model.path={tiny_model_dirs['clip']}", f"clip_score.resources={small}",

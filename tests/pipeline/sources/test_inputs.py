@@ -66,7 +66,8 @@ def test_metadata_errors_name_file_and_line(tmp_path):
 
 
 def test_caption_for_span_prefers_the_most_overlapping_shot():
-    entry = {"caption": "whole", "shots": [{"start_s": 0, "end_s": 3, "caption": "A"}, {"start_s": 3, "end_s": 9, "caption": "B"}]}
+    entry = {"caption": "whole",
+             "shots": [{"start_s": 0, "end_s": 3, "caption": "A"}, {"start_s": 3, "end_s": 9, "caption": "B"}]}
     assert caption_for_span(entry, 2.5, 6.0) == {"text": "B", "source": "metadata"}
     assert caption_for_span(entry, 0.0, 2.0)["text"] == "A"
     assert caption_for_span(entry, 20.0, 22.0)["text"] == "whole"

@@ -77,5 +77,6 @@ def test_sources_interleave_and_a_source_record_is_whole_at_once(tmp_path):
     assert set(collector.incomplete()) == {"a.mp4", "b.mp4"}
     assert collector.incomplete()["a.mp4"].arrived == 1
     done = collector.add(clip("b.mp4", 1, 2))
-    assert done.entry("r")["path"] == "b.mp4" and [s["__key__"] for s in done.samples] == ["bsrc-0000000", "bsrc-0000001"]
+    assert (done.entry("r")["path"] == "b.mp4"
+            and [s["__key__"] for s in done.samples] == ["bsrc-0000000", "bsrc-0000001"])
     assert set(collector.incomplete()) == {"a.mp4"}

@@ -12,7 +12,8 @@ def source(sid, status="curated", clips=(), samples=0, stage=None, reason=None):
     rows = [{"key": f"{sid}-{i}", "duration_s": 2.0} for i in range(samples)]
     return {"type": "source", "path": f"/{sid}.mp4", "source_id": sid, "size": 1, "mtime_ns": 1, "duration_s": 10.0,
             "status": status, "stage": stage, "reason": reason, "samples": rows, "errors": [],
-            "clips": [{"key": f"{sid}-c{i}", "status": s, "stage": st, "reason": r} for i, (s, st, r) in enumerate(clips)]}
+            "clips": [{"key": f"{sid}-c{i}", "status": s, "stage": st, "reason": r}
+                      for i, (s, st, r) in enumerate(clips)]}
 
 
 def ledger_with_entries(out):
@@ -31,7 +32,8 @@ def test_funnel_counts_every_unit_once_in_flow_order(tmp_path):
     steps = {(s["stage"], s["unit"]): s for s in summary["funnel"]}
     assert [s["stage"] for s in summary["funnel"]] == ["input", "probe", "shot_cut", "clip_plan", "clip_extract",
                                                       "quality_filter", "write"]
-    assert steps[("input", "sources")] == {"stage": "input", "unit": "sources", "in": 4, "out": 3, "removed": {"not_found": 1}}
+    assert steps[("input", "sources")] == {"stage": "input", "unit": "sources", "in": 4, "out": 3,
+                                           "removed": {"not_found": 1}}
     assert steps[("probe", "sources")]["removed"] == {"not_a_video": 1}
     assert (steps[("clip_plan", "clips")]["in"], steps[("clip_plan", "clips")]["out"]) == (1, 4)
     assert steps[("clip_extract", "clips")]["out"] == 3 and steps[("quality_filter", "clips")]["out"] == 2
