@@ -21,6 +21,7 @@ class Captioner(Stage):
     (or for all clips with `replace_metadata_captions`). An empty reply is an `empty_caption` error on the clip."""
 
     name = "caption"
+    requires = ("keyframes",)
     stateful = True
 
     section = "caption"  # resources come from config.caption.resources
@@ -38,14 +39,9 @@ class Captioner(Stage):
         for record in records:
             caption = record.meta.get("caption") or {}
             if caption.get("text") and not cfg.replace_metadata_captions:
-                record.meta.setdefault("provenance", {})[self.name] = f"caption from the input {caption.get('source')}"
                 continue
             if self.vlm is None:
                 continue  # metadata captions only; the entity stage warns about clips left without one
-            keyframes = record.blobs.get("keyframes")
-            if keyframes is None or not len(keyframes):
-                record.fail(self.name, "no_keyframes", "the clip has no keyframes to caption")
-                continue
             todo.append(record)
         if not todo:
             return records
@@ -59,11 +55,18 @@ class Captioner(Stage):
             images.append(frames)
         replies = self.vlm.generate(chats, images, cfg.max_new_tokens)
 
-        provenance = f"{self.vlm.describe()} max_new_tokens={cfg.max_new_tokens}"
         for record, reply in zip(todo, replies):
             if not reply:
                 record.fail(self.name, "empty_caption", f"{cfg.model.path} generated no text for the keyframes")
                 continue
             record.meta["caption"] = {"text": reply, "source": CAPTION_SOURCE, "model": cfg.model.path}
-            record.meta.setdefault("provenance", {})[self.name] = provenance
         return records
+
+    def provenance_of(self, record: Record) -> str | None:
+        cfg = self.config.caption
+        caption = record.meta.get("caption") or {}
+        if self.vlm is not None and caption.get("source") == CAPTION_SOURCE and caption.get("model") == cfg.model.path:
+            return f"{self.vlm.describe()} max_new_tokens={cfg.max_new_tokens}"  # captioned here
+        if caption.get("text") and not cfg.replace_metadata_captions:
+            return f"caption from the input {caption.get('source')}"
+        return None  # metadata captions only, and this clip has none

@@ -20,6 +20,7 @@ class ClipScore(Stage):
     category score per detection crop (`detection["clip_category_score"]`)."""
 
     name = "clip_score"
+    requires = ("keyframes",)
     stateful = True
 
     section = "clip_score"  # resources come from config.clip_score.resources
@@ -33,16 +34,10 @@ class ClipScore(Stage):
         self.spec = spec
         self.scorer = ClipScorer.from_spec(spec, role=self.name)
         device = self.scorer.device
-        self.provenance = f"open_clip {open_clip.__version__} {spec.path} dtype={spec.dtype} device={device}"
+        self.description = f"open_clip {open_clip.__version__} {spec.path} dtype={spec.dtype} device={device}"
 
     def process(self, records: list[Record]) -> list[Record]:
-        scored = []
-        for record in records:
-            keyframes = record.blobs.get("keyframes")
-            if keyframes is None or len(keyframes) == 0:
-                record.fail(self.name, "no_keyframes", "clip record carries no keyframes to score")
-            else:
-                scored.append(record)
+        scored = list(records)  # every one carries keyframes (requires)
         # One image pass for every keyframe of the batch and one text pass for every caption.
         embeddings = self.scorer.encode_images([frame for r in scored for frame in r.blobs["keyframes"]])
         captions = [(r.meta.get("caption") or {}).get("text") or None for r in scored]
@@ -54,7 +49,6 @@ class ClipScore(Stage):
             alignment = float(np.mean(own @ next(caption_embeddings))) if caption else None
             record.blobs["clip_keyframe_embeddings"] = own
             record.meta.setdefault("stats", {})["clip"] = {"caption_alignment": alignment, "model": self.spec.path}
-            record.meta.setdefault("provenance", {})[self.name] = self.provenance
         self._score_instances(scored)
         return records
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pipeline.core.record import Record
 from pipeline.core.stage import Stage
-from taxonomies.entities import extract_entities
+from taxonomies.entities import TAXONOMY_PROVENANCE, extract_entities
 
 
 class EntityExtractor(Stage):
@@ -33,5 +33,7 @@ class EntityExtractor(Stage):
                 record.warn(self.name, "no caption, so no entities (configure captioning or give captions in metadata)")
                 continue
             record.meta["entities"] = extract_entities(caption, self.taxonomy)
-            record.meta.setdefault("provenance", {})[self.name] = "taxonomy match on the caption (no VLM configured)"
         return records
+
+    def provenance_of(self, record: Record) -> str | None:
+        return TAXONOMY_PROVENANCE if (record.meta.get("caption") or {}).get("text") else None

@@ -300,6 +300,11 @@ class FaceDetector(Stage):
     """
 
     name = "faces"
+    requires = ("keyframes",)
+
+    @property
+    def description(self) -> str | None:  # the provenance line (pipeline.core.stage)
+        return self.backend.description if getattr(self, "backend", None) is not None else None
 
     def __init__(self, config: RunConfig):
         super().__init__(config)
@@ -333,11 +338,7 @@ class FaceDetector(Stage):
 
     def _process_record(self, record: Record) -> None:
         cfg = self.config.faces
-        frames = record.blobs.get("keyframes")
-        problem = _keyframes_problem(frames)
-        if problem:
-            record.fail(self.name, "bad_keyframes", problem)
-            return
+        frames = record.blobs["keyframes"]
         entries, embeddings, errors = [], [], []
         for k, frame in enumerate(frames):
             try:
@@ -370,7 +371,6 @@ class FaceDetector(Stage):
         record.blobs["face_embeddings"] = (
             np.stack(embeddings).astype(np.float32) if embeddings else np.zeros((0, self.backend.dim), np.float32)
         )
-        record.meta.setdefault("provenance", {})[self.name] = self.backend.description
 
 
     def _detect_in_people(self, record: Record, k: int, frame: np.ndarray) -> list[tuple[FoundFace, dict | None]]:
@@ -410,15 +410,3 @@ def _deg(value: float | None) -> float | None:
     return None if value is None else round(float(value), 1)
 
 
-def _keyframes_problem(frames) -> str | None:
-    """Why `frames` is not a (K, H, W, 3) uint8 RGB stack, or None when it is."""
-    if frames is None:
-        return "no keyframes on the record (blobs['keyframes'] is missing)"
-    if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[-1] != 3:
-        shape = getattr(frames, "shape", None)
-        return f"keyframes must be a (K, H, W, 3) RGB array, got shape {shape}"
-    if frames.dtype != np.uint8:
-        return f"keyframes must be uint8, got {frames.dtype}"
-    if frames.shape[0] == 0 or frames.shape[1] < 8 or frames.shape[2] < 8:
-        return f"keyframes are empty or too small: shape {frames.shape}"
-    return None

@@ -126,6 +126,7 @@ class Grounder(Stage):
     """Grounding DINO boxes for the entities of each clip into `meta["detections"]` (see the module docstring)."""
 
     name = "grounding"
+    requires = ("keyframes",)
     stateful = True
     # Images per forward pass: bounds peak accelerator memory (Grounding DINO resizes to 800 px short side).
     max_images_per_pass = 16
@@ -144,7 +145,7 @@ class Grounder(Stage):
         self.processor = load_processor(AutoProcessor, self.spec, role=self.name)
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
-        self.provenance = (
+        self.description = (
             f"transformers {transformers.__version__} GroundingDinoForObjectDetection {self.spec.path} "
             f"box_threshold={config.box_threshold} text_threshold={config.text_threshold} "
             f"dtype={self.spec.dtype} device={self.device}"
@@ -159,12 +160,7 @@ class Grounder(Stage):
         queries_of: dict[int, list[Query]] = {}
         for index, record in enumerate(records):
             queries = self.queries_for(record)
-            keyframes = record.blobs.get("keyframes")
-            if queries and (keyframes is None or len(keyframes) == 0):
-                record.fail(self.name, "no_keyframes", "clip record carries no keyframes to ground entities on")
-                continue
             record.meta["detections"] = []
-            record.meta.setdefault("provenance", {})[self.name] = self.provenance
             if not queries:
                 continue
             queries, dropped = fit_queries(queries, self._prompt_tokens, self.model.config.max_text_len)
@@ -173,7 +169,7 @@ class Grounder(Stage):
                             f"not grounded: {', '.join(q.text for q in dropped)}")
             queries_of[index] = queries
             prompt = build_prompt(queries)
-            jobs.extend((index, k, frame, prompt) for k, frame in enumerate(keyframes))
+            jobs.extend((index, k, frame, prompt) for k, frame in enumerate(record.blobs["keyframes"]))
 
         found: dict[int, list[dict]] = {index: [] for index in queries_of}
         # One pass per image size (chunked): mixed sizes would be padded to a common canvas, and the padding changes

@@ -236,6 +236,10 @@ class Inpainter(Stage):
     name = "inpainting"
     section = "inpaint"  # resources come from config.inpaint.resources
 
+    @property
+    def description(self) -> str | None:  # the provenance line (pipeline.core.stage)
+        return self.filler.description if getattr(self, "filler", None) is not None else None
+
     def __init__(self, config: RunConfig):
         super().__init__(config)
         self.backend_name = config.inpaint.backend
@@ -272,7 +276,6 @@ class Inpainter(Stage):
                 record.warn(self.name, message)
             if plan.background is not None:
                 record.meta["background"] = plan.background
-            record.meta.setdefault("provenance", {})[self.name] = self.filler.description
         return records
 
     def _plan(self, record: Record) -> _Plan | None:

@@ -117,15 +117,13 @@ class InstanceStats(Stage):
     """`detections[i]["stats"]` for every detection of the clip."""
 
     name = "instance_stats"
+    requires = ("keyframes",)
 
     def process(self, records: list[Record]) -> list[Record]:
         for record in records:
             detections = record.meta.get("detections")
-            keyframes = record.blobs.get("keyframes")
+            keyframes = record.blobs["keyframes"]
             if not detections:
-                continue
-            if keyframes is None or keyframes.ndim != 4:
-                record.fail(self.name, "no_keyframes", "clip record carries no keyframes to measure instances on")
                 continue
             subjects = {e["id"] for e in record.meta.get("entities", []) if e.get("kind") == "subject"}
             stats = instance_stats(detections, record.blobs.get("masks"), keyframes, record.meta.get("faces", []),

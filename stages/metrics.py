@@ -227,6 +227,15 @@ class SampleMetrics(Stage):
                 self._failed(record, exc)
         return records
 
+    def provenance_of(self, record: Record) -> str | None:
+        """The backends that measured this record; none when its metrics could not be computed."""
+        b = ((record.meta.get("stats") or {}).get("metrics") or {}).get("backends")
+        if not b:
+            return None
+        return (f"face: {b['face'] or 'off'} (copy_paste > {self.thresholds['copy_paste']}, mismatch < "
+                f"{self.thresholds['mismatch']}); clip_i: {b['clip_i'] or 'off'}; dino_i: {b['dino_i'] or 'off'}; "
+                f"background: {b['background']} on the reference as a loader sees it (RGBA over grey)")
+
     def _embed(self, plans: list[dict]) -> list[tuple[list, list]]:
         """(DINO vectors, CLIP vectors) per plan, from one pass of each model over all their images."""
         dino = iter(self._embed_dino([image for plan in plans for image in plan["dino"]]))
@@ -336,12 +345,6 @@ class SampleMetrics(Stage):
         if alignment is not None:
             metrics["caption_alignment"] = round(float(alignment), 4)
         record.meta.setdefault("stats", {})["metrics"] = metrics
-        b = plan["backends"]
-        record.meta.setdefault("provenance", {})[self.name] = (
-            f"face: {b['face'] or 'off'} (copy_paste > {self.thresholds['copy_paste']}, mismatch < "
-            f"{self.thresholds['mismatch']}); clip_i: {b['clip_i'] or 'off'}; dino_i: {b['dino_i'] or 'off'}; "
-            f"background: {b['background']} on the reference as a loader sees it (RGBA over grey)"
-        )
 
     def _embed_dino(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """DINOv2 image embeddings (the pooled, layer-normed CLS token), one per uint8 RGB image."""

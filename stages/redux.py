@@ -79,5 +79,4 @@ class Reduxer(Stage):
                 record.blobs[f"refmask{k}"] = np.ones(image.shape[:2], np.uint8)
                 reference["pending"] = False
                 reference["redux_backend"] = self.description
-            record.meta.setdefault("provenance", {})[self.name] = self.description
         return records

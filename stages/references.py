@@ -50,6 +50,13 @@ def padded_box(box, pad: float, width: int, height: int) -> list[int]:
 class ReferenceCutter(Stage):
     name = "references"
 
+    @property
+    def description(self) -> str:  # the provenance line (pipeline.core.stage)
+        cfg = self.config.references
+        unavailable = {} if self.config.redux.enabled() else UNAVAILABLE
+        return (f"ratio {cfg.ratio} seed={cfg.seed} pad={cfg.pad}; unavailable: "
+                + ("; ".join(f"{v} ({why})" for v, why in unavailable.items()) or "none"))
+
     def process(self, records: list[Record]) -> list[Record]:
         for record in records:
             self._cut(record)
@@ -113,7 +120,3 @@ class ReferenceCutter(Stage):
                 "group": entity.get("group"),
             })
         record.meta["references"] = references
-        record.meta.setdefault("provenance", {})[self.name] = (
-            f"ratio {cfg.ratio} seed={cfg.seed} pad={cfg.pad}; unavailable: "
-            + ("; ".join(f"{v} ({why})" for v, why in unavailable.items()) or "none")
-        )

@@ -118,6 +118,7 @@ class SaliencyGrounder(Stage):
     """Salient-region boxes for each keyframe into `meta["detections"]` (see the module docstring)."""
 
     name = "grounding"
+    requires = ("keyframes",)
     stateful = False  # a 4.6 MB network: cheap to load once per task process
     section = "grounding"
 
@@ -129,7 +130,7 @@ class SaliencyGrounder(Stage):
         self.session = _session(str(self.path))
         self.detect_faces = _face_detector()
         s = config.saliency
-        self.provenance = (
+        self.description = (
             f"substitute for Grounding DINO: U2-Net-p salient regions ({U2NETP.requirement} {U2NETP.file}, "
             f"{self.path}) threshold={s.threshold} min_area={s.min_area} max_boxes={s.max_boxes}; entities bound "
             f"by rule (dlib HOG frontal faces -> the one human subject; the one unbound entity -> largest region)"
@@ -138,10 +139,7 @@ class SaliencyGrounder(Stage):
     def process(self, records: list[Record]) -> list[Record]:
         s = self.config.grounding.saliency
         for record in records:
-            keyframes = record.blobs.get("keyframes")
-            if keyframes is None or len(keyframes) == 0:
-                record.fail(self.name, "no_keyframes", "clip record carries no keyframes to ground entities on")
-                continue
+            keyframes = record.blobs["keyframes"]
             entities = record.meta.get("entities") or []
             detections = []
             for k, frame in enumerate(keyframes):
@@ -157,5 +155,4 @@ class SaliencyGrounder(Stage):
                                        "phrase": "salient region", "box": box, "score": round(score, 4)})
             detections.sort(key=lambda d: (d["keyframe"], -d["score"]))
             record.meta["detections"] = [{"id": f"d{n}", **d} for n, d in enumerate(detections)]
-            record.meta.setdefault("provenance", {})[self.name] = self.provenance
         return records

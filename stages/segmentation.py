@@ -371,9 +371,14 @@ class Segmenter(Stage):
     """
 
     name = "segmentation"
+    requires = ("keyframes",)
     stateful = True
 
     section = "segmentation"  # resources come from config.segmentation.resources
+
+    @property
+    def description(self) -> str | None:  # the provenance line (pipeline.core.stage)
+        return self.masker.description if getattr(self, "masker", None) is not None else None
 
     def setup(self) -> None:
         cfg = self.config.segmentation
@@ -411,16 +416,12 @@ class Segmenter(Stage):
                     detections[i]["mask_area"] = float(mask.sum()) / (height * width)
                     detections[i]["mask_score"] = float(score)
             record.blobs["masks"] = masks
-            record.meta.setdefault("provenance", {})[self.name] = self.masker.description
         return records
 
     def _plan(self, record: Record) -> dict[int, tuple[list[int], np.ndarray]] | None:
         """Per keyframe: its detections' indices and their boxes clipped to the keyframe ((n, 4) float32). None
         after failing the record."""
-        keyframes = record.blobs.get("keyframes")
-        if keyframes is None or keyframes.ndim != 4 or len(keyframes) == 0:
-            record.fail(self.name, "no_keyframes", "clip record carries no keyframes to segment")
-            return None
+        keyframes = record.blobs["keyframes"]
         detections = record.meta.get("detections")
         if detections is None:
             record.fail(self.name, "no_detections",

@@ -144,6 +144,10 @@ class ShotCutter(Stage):
     def describe(self) -> str:
         return f"{self.backend} threshold={self.threshold}"
 
+    @property
+    def description(self) -> str:  # the provenance line (pipeline.core.stage)
+        return self.describe()
+
     def detect(self, path: str, fps: float, width: int, height: int) -> tuple[list[int], int, VideoError | None]:
         """(cut frame indices, frames decoded, decode error that ended the video early) for one video."""
         if self.backend == "pyscenedetect":
@@ -174,7 +178,6 @@ class ShotCutter(Stage):
             record.meta["source"]["decoded_frames"] = decoded
             record.meta["shots"] = shots
             record.meta["clip_plan"] = clips
-            record.meta.setdefault("provenance", {})[self.name] = self.describe()
             record.clips_planned = len(clips)
             if not clips:
                 record.drop_by(self.name, "no_usable_shots")

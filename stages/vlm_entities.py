@@ -43,7 +43,7 @@ from pydantic import (
 from pipeline.core.record import Record
 from pipeline.core.stage import Stage
 from pipeline.models.qwen_vl import QwenVL, load_prompt
-from taxonomies.entities import extract_entities
+from taxonomies.entities import TAXONOMY_PROVENANCE, extract_entities
 
 ATTRIBUTE_KEYS = ("top", "bottom", "accessories", "hairstyle", "footwear")
 PERSON_LABEL = "person"
@@ -314,6 +314,7 @@ class VlmEntityExtractor(Stage):
         # EntitiesConfig has no pixel budget of its own; the caption stage's keeps both VLM passes alike.
         max_pixels = self.config.caption.max_pixels
         self.vlm = QwenVL(cfg.model, role="entities", max_pixels=max_pixels) if cfg.model is not None else None
+        self._answered: dict[str, str] = {}  # clip key -> its provenance line, until run_stage records it
 
     def process(self, records: list[Record]) -> list[Record]:
         if not hasattr(self, "vlm"):
@@ -327,9 +328,6 @@ class VlmEntityExtractor(Stage):
                 record.warn(self.name, "no caption, so no entities (configure captioning or give captions in metadata)")
             elif self.vlm is None:
                 record.meta["entities"] = extract_entities(caption, self.taxonomy)
-                record.meta.setdefault("provenance", {})[self.name] = (
-                    "taxonomy match on the caption (no VLM configured)"
-                )
             else:
                 jobs.append(self._job(record, caption))
         # Every round asks all clips still without a valid answer in one generate call; a re-ask carries the
@@ -362,11 +360,19 @@ class VlmEntityExtractor(Stage):
                             f"last answer: {job['last'][:200]!r}")
                 continue
             record.meta["entities"] = to_entities(job["answer"], job["caption"], self.taxonomy, job["priors"])
-            record.meta.setdefault("provenance", {})[self.name] = (
+            self._answered[record.key] = (
                 f"{self.vlm.describe()} max_new_tokens={cfg.max_new_tokens}; {len(job['boxes'])} person boxes; "
                 f"valid JSON at answer {job['answers']}; categories from taxonomy {self.taxonomy.source}"
             )
         return records
+
+    def provenance_of(self, record: Record) -> str | None:
+        if not (record.meta.get("caption") or {}).get("text"):
+            return None
+        if self.vlm is None:
+            return TAXONOMY_PROVENANCE
+        # How this clip's answer came about (its person boxes, the answer that parsed), noted by `process`.
+        return self._answered.pop(record.key, None)
 
     def _job(self, record: Record, caption: str) -> dict:
         keyframes = record.blobs.get("keyframes")

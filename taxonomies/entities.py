@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import re
 
+# The provenance line of entities found by taxonomy matching (both entity stages write it).
+TAXONOMY_PROVENANCE = "taxonomy match on the caption (no VLM configured)"
+
 WEARABLE = {"clothing", "accessory"}
 
 

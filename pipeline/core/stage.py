@@ -118,14 +118,15 @@ def _keyframes_problem(blob) -> str | None:
 INPUTS = {"keyframes": ("uint8 (K, H, W, 3) keyframes, K >= 1", _keyframes_problem)}
 
 
-def missing_inputs(stage: Stage, record: Record) -> None:
-    """Fail `record` for the first input `stage` requires that it lacks."""
+def missing_inputs(stage: Stage, record: Record) -> bool:
+    """Fail `record` for the first input `stage` requires that it lacks; True when it did."""
     for name in stage.requires:
         what, problem_of = INPUTS[name]
         problem = problem_of(record.blobs.get(name))
         if problem:
             record.fail(stage.name, f"no_{name}", f"{stage.name} needs {what}; the record has {problem}")
-            return
+            return True
+    return False
 
 
 # Calls that timed out and may still be running: their process is replaced before its next batch.
@@ -137,13 +138,13 @@ def run_stage(stage: Stage, records: list[Record], timeout_s: float | None = Non
 
     `timeout_s` is per record: a batch gets that much per live record. When a batch fails or times out, each record
     is retried alone, so one bad or hanging input costs its own record only."""
-    for record in records:
-        if record.alive:
-            missing_inputs(stage, record)  # a record without a required input fails here and passes through
     done = [r for r in records if not r.alive]
-    live = [r for r in records if r.alive]
+    arrived = [r for r in records if r.alive]
+    # A record without an input the stage requires fails here and keeps its place among the others.
+    rejected = {id(r) for r in arrived if missing_inputs(stage, r)}
+    live = [r for r in arrived if id(r) not in rejected]
     if not live:
-        return done
+        return done + arrived
     start, cpu_start = time.perf_counter(), time.process_time()
     # A failed batch may have changed some of its records before it raised, and a call that overran goes on
     # changing them on its abandoned thread: the retries start from copies taken before the call.
@@ -165,6 +166,10 @@ def run_stage(stage: Stage, records: list[Record], timeout_s: float | None = Non
         add_timing(record, stage.name, (time.perf_counter() - start) / share, (time.process_time() - cpu_start) / share)
         if record.alive and (line := stage.provenance_of(record)) is not None:
             record.meta.setdefault("provenance", {})[stage.name] = line
+    if rejected:
+        results = iter(out)
+        placed = [r if id(r) in rejected else next(results, None) for r in arrived]
+        out = [r for r in placed if r is not None] + list(results)
     return done + out
 
 

@@ -84,12 +84,7 @@ def connect_ray(config: RunConfig) -> bool:
     else:
         # address="local" always starts a fresh embedded Ray: plain ray.init() would attach to whatever cluster a
         # `ray start` left recorded on this machine (even a dead one, and then hang).
-        cpus = config.ray.num_cpus or os.cpu_count() or 1
-        # Ray kills an idle worker process after 1 s once the node has more than one per CPU, and the model actors
-        # count: each task then started a fresh process that imported torch and loaded U2-Net-p and dlib again
-        # (7 task processes for 6 demo videos, ~1.5 s CPU each). Four per CPU keeps them (3 for the same run).
-        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                 _system_config={"num_workers_soft_limit": 4 * int(cpus)})
+        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     return True
 
 

@@ -181,7 +181,7 @@ def test_record_without_keyframes_fails_alone(stage, photos):
     good = clip_record(photos[:1], "an astronaut")
     run_stage(stage, [broken, good])
     assert broken.errors == [{"stage": "clip_score", "reason": "no_keyframes",
-                              "message": "clip record carries no keyframes to score"}]
+                              "message": "clip_score needs uint8 (K, H, W, 3) keyframes, K >= 1; the record has none"}]
     assert good.alive and isinstance(good.meta["stats"]["clip"]["caption_alignment"], float)
 
 

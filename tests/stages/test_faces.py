@@ -171,8 +171,8 @@ def test_unusable_keyframes_fail_the_record_and_spare_the_others():
     good = clip_with([COFFEE])
     out = run_stage(FaceDetector(config), [gray, floats, missing, good])
     reasons = {r.key: [(e["stage"], e["reason"]) for e in r.errors] for r in out}
-    assert reasons == {"gray": [("faces", "bad_keyframes")], "floats": [("faces", "bad_keyframes")],
-                       "missing": [("faces", "bad_keyframes")], "k": []}
+    assert reasons == {"gray": [("faces", "no_keyframes")], "floats": [("faces", "no_keyframes")],
+                       "missing": [("faces", "no_keyframes")], "k": []}
     assert "(3, 360, 640)" in out[0].errors[0]["message"]
 
 

@@ -119,7 +119,7 @@ def test_loader_reads_the_saved_weights(stage, tiny_model):
     for key, value in saved.items():
         assert torch.equal(loaded[key], value), key
     assert not stage.model.training
-    assert "GroundingDinoForObjectDetection" in stage.provenance and str(tiny_model[0]) in stage.provenance
+    assert "GroundingDinoForObjectDetection" in stage.description and str(tiny_model[0]) in stage.description
 
 
 def test_detections_on_real_photos_have_the_record_format(loose_stage):
@@ -127,7 +127,7 @@ def test_detections_on_real_photos_have_the_record_format(loose_stage):
     [out] = ground(loose_stage, [record])
     assert out.alive, out.errors
     detections = out.meta["detections"]
-    assert out.meta["provenance"]["grounding"] == loose_stage.provenance
+    assert out.meta["provenance"]["grounding"] == loose_stage.description
     # Thresholds 0: each of the 30 queries on each keyframe yields a box (minus any clipped to nothing).
     assert 0.8 * 3 * 30 <= len(detections) <= 3 * 30
     assert [d["id"] for d in detections] == [f"d{i}" for i in range(len(detections))]
@@ -200,7 +200,8 @@ def test_record_without_entities_or_keyframes(stage):
     assert out[0].meta["detections"] == [] and out[0].alive
     assert out[1].meta["detections"] == [] and out[1].alive
     assert not out[2].alive and out[2].errors[0]["reason"] == "no_keyframes"
-    assert out[3].meta["detections"] == [] and out[3].alive
+    # The stage requires keyframes (the stage contract): a clip without them fails even with nothing to ground.
+    assert not out[3].alive and out[3].errors[0]["reason"] == "no_keyframes"
 
 
 def test_box_decoding_scales_and_clips_to_the_keyframe(tmp_path):

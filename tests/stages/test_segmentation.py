@@ -214,7 +214,7 @@ def test_records_of_a_batch_keep_their_own_masks(stages, backend, keyframes):
 @pytest.mark.parametrize(
     "mutate, reason, message",
     [
-        (lambda r: r.blobs.pop("keyframes"), "no_keyframes", "no keyframes"),
+        (lambda r: r.blobs.pop("keyframes"), "no_keyframes", "needs uint8 (K, H, W, 3) keyframes"),
         (lambda r: r.meta.pop("detections"), "no_detections", "grounding stage runs before"),
         (lambda r: r.meta["detections"][2].update(keyframe=3), "bad_detection", "detection 2 (d2): keyframe 3"),
         (lambda r: r.meta["detections"][0].update(box=[0, 0, float("nan"), 5]), "bad_detection", "detection 0"),

@@ -144,3 +144,61 @@ def test_a_fan_out_that_hangs_times_out_the_unfinished_parts_and_a_dead_record_p
     assert out[1].alive and [r.errors[0]["reason"] for r in out[2:]] == ["timeout", "timeout"]
     # What the abandoned call made after its deadline (once released) went nowhere.
     assert [entry for entry in log if entry.startswith("saw")] == ["saw a-0"]
+
+
+class NeedsKeyframes(Stage):
+    """Requires keyframes; fails the record named "bad" itself; notes which records it saw."""
+
+    name = "needs_keyframes"
+    requires = ("keyframes",)
+    description = "made by hand, v1"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.seen = []
+
+    def process(self, records):
+        for record in records:
+            self.seen.append(record.key)
+            if record.key == "bad":
+                record.fail(self.name, "bad", "refused")
+        return records
+
+
+def keyframed(key, frames=...):
+    record = Record(kind="clip", source_path="a.mp4", key=key)
+    if frames is ...:
+        frames = np.zeros((2, 8, 8, 3), np.uint8)
+    if frames is not None:
+        record.blobs["keyframes"] = frames
+    return record
+
+
+def test_a_record_without_a_required_input_fails_before_the_stage_sees_it_and_keeps_its_place():
+    stage = NeedsKeyframes(build_config())
+    records = [keyframed("a"), keyframed("none", None), keyframed("gray", np.zeros((2, 8, 8), np.uint8)),
+               keyframed("empty", np.zeros((0, 8, 8, 3), np.uint8)), keyframed("b")]
+    out = run_stage(stage, records)
+    assert stage.seen == ["a", "b"]
+    assert [r.key for r in out] == ["a", "none", "gray", "empty", "b"]
+    assert [r.errors[0]["reason"] if r.errors else None for r in out] == [None, "no_keyframes", "no_keyframes",
+                                                                           "no_keyframes", None]
+    assert out[1].errors[0]["message"] == ("needs_keyframes needs uint8 (K, H, W, 3) keyframes, K >= 1; "
+                                           "the record has none")
+    assert "(2, 8, 8)" in out[2].errors[0]["message"]
+
+
+def test_the_contract_records_provenance_on_the_records_the_stage_passed_on():
+    stage = NeedsKeyframes(build_config())
+    out = run_stage(stage, [keyframed("a"), keyframed("bad"), keyframed("none", None)])
+    assert out[0].meta["provenance"] == {"needs_keyframes": "made by hand, v1"}
+    assert "provenance" not in out[1].meta and "provenance" not in out[2].meta
+
+
+def test_a_stage_can_say_per_record_what_made_its_output():
+    class PerRecord(NeedsKeyframes):
+        def provenance_of(self, record):
+            return None if record.key == "quiet" else f"for {record.key}"
+
+    out = run_stage(PerRecord(build_config()), [keyframed("a"), keyframed("quiet")])
+    assert out[0].meta["provenance"] == {"needs_keyframes": "for a"} and "provenance" not in out[1].meta

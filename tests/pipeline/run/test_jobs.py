@@ -26,9 +26,8 @@ from pipeline.run.jobs import (
 from pipeline.testing.loopback import LoopbackCluster, free_port
 
 REPO = Path(__file__).resolve().parents[3]
-# The commands on a click group of their own, as pipeline/cli/main.py's `curate` group gets them from register().
-CLI = [sys.executable, "-c", ("import click; from pipeline.run.jobs import register; "
-                              "g = click.Group('curate'); register(g); g(prog_name='s2v curate')")]
+# `s2v curate` alone (pipeline/cli/curate.py, with the Ray Jobs commands of pipeline/cli/jobs.py).
+CLI = [sys.executable, "-c", "from pipeline.cli.curate import curate; curate(prog_name='s2v curate')"]
 
 
 def curate(*args, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
