@@ -20,6 +20,22 @@ from pipeline.testing.tiny_qwen import build_tiny_qwen
 TESTS = Path(__file__).resolve().parent
 
 
+# Markers (pyproject.toml): `ray` starts a local Ray, `cluster` a loopback cluster of several nodes, `slow` anything
+# that curates a corpus, starts Ray or trains across processes. `pytest -m "not slow"` is the quick loop; CI runs all.
+MARKED_BY_FIXTURE = {"local_ray": {"ray"}, "cluster": {"cluster"}, "curated_out": {"slow"}, "curated": {"ray"}}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marks = {mark.name for mark in item.iter_markers()}
+        for fixture in set(getattr(item, "fixturenames", ())) & set(MARKED_BY_FIXTURE):
+            marks |= MARKED_BY_FIXTURE[fixture]
+        if marks & {"ray", "cluster"}:
+            marks.add("slow")
+        for name in marks & {"ray", "cluster", "slow"}:
+            item.add_marker(name)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A fresh embedded Ray with 2 CPUs for one test module."""

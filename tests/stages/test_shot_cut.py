@@ -58,7 +58,7 @@ def f1_at_tolerance(predicted, truth, tolerance=2):
     return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
-@pytest.mark.parametrize("backend", ["pyscenedetect", "transnetv2"])
+@pytest.mark.parametrize("backend", ["pyscenedetect", pytest.param("transnetv2", marks=pytest.mark.slow)])
 def test_cuts_match_demo_ground_truth(demo_corpus, backend):
     truth = json.loads((demo_corpus / "ground_truth.json").read_text())
     cutter = ShotCutter(build_config({}, [f"shots.backend={backend}"]))

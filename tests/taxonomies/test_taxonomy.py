@@ -219,6 +219,7 @@ def demo_captions(tmp_path_factory) -> list[str]:
     return [shot["caption"] for row in rows for shot in row["shots"]]
 
 
+@pytest.mark.slow  # builds a 24-video demo corpus
 def test_every_demo_caption_has_a_subject_and_a_background(taxonomy, demo_captions):
     assert len(demo_captions) >= 12
     for caption in demo_captions:

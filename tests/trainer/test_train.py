@@ -159,6 +159,7 @@ def test_every_position_scheme_trains_from_pipeline_shards(curated_out, encoders
     assert not torch.allclose(with_refs, without, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fsdp2_on_two_gloo_processes_resumes_exactly(tmp_path, encoders):
     """torchrun with 2 CPU processes (gloo), FSDP2: sharded weights, EMA and optimizer state are gathered into the
     checkpoint and scattered back on resume; the resumed step 2 equals the uninterrupted one."""

@@ -244,6 +244,7 @@ def test_shots_command_prints_cuts_as_json(demo_corpus):
     assert result["shots"][0][0] == 0 and result["shots"][-1][1] == truth[name]["num_frames"] - 1
 
 
+@pytest.mark.cluster
 def test_runs_on_an_existing_cluster_given_by_address(tmp_path, bad_inputs):
     """`--address` joins a running Ray cluster (a one-node loopback cluster) instead of starting one."""
     with LoopbackCluster(nodes=1, cpus_per_node=3) as cluster:

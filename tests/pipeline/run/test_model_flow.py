@@ -9,12 +9,14 @@ import io
 import json
 
 import numpy as np
+import pytest
 import webdataset as wds
 
 from pipeline.core.config import build_config
 from pipeline.run.runner import curate
 
 
+@pytest.mark.ray
 def test_model_stages_compose_on_ray(tiny_model_dirs, demo_corpus, tmp_path):
     # Metadata captions win over the (gibberish) VLM captions, so taxonomy entities exist and grounding,
     # segmentation, faces and CLIP all get work. The VLM entity path has its own tests: random weights never
