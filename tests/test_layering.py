@@ -114,3 +114,60 @@ def test_allowed_imports_pass():
                       "stages.metrics") == []
     assert violations("from pipeline.store.shards import ShardSink\nfrom stages import build_flow\n",
                       "pipeline.run.runner") == []
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Project module -> the project modules it imports (lazy imports included; `from a import b` names a.b when
+    b is a module)."""
+    modules = {module: path for path, module in project_modules()}
+    graph = {}
+    for module, path in modules.items():
+        deps = set()
+        for _line, target in imports_of(path.read_text(), module):
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != module:
+                deps.add(target)
+        graph[module] = deps
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for dep in graph.get(node, ()):
+            if dep not in index:
+                visit(dep)
+                low[node] = min(low[node], low[dep])
+            elif dep in on_stack:
+                low[node] = min(low[node], index[dep])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycles():
+    assert cycles(module_graph()) == []
+
+
+def test_a_planted_cycle_is_found():
+    graph = {"pipeline.run.a": {"pipeline.run.b"}, "pipeline.run.b": {"pipeline.run.c"},
+             "pipeline.run.c": {"pipeline.run.a"}, "pipeline.core.d": set()}
+    assert cycles(graph) == [["pipeline.run.a", "pipeline.run.b", "pipeline.run.c"]]
