@@ -64,6 +64,10 @@ class ClipExtractor(FanOutStage):
 
     section = "clips"  # resources come from config.clips.resources
 
+    @property
+    def description(self) -> str:  # the provenance line of each finished clip (pipeline.core.stage)
+        return f"pyav libx264 crf={self.config.clips.crf} preset={self.config.clips.preset}"
+
     def split(self, source: Record) -> list[Record]:
         fps_in = source.meta["source"]["probe"]["fps"]
         return [self._new_clip(source, span, fps_in) for span in source.meta["clip_plan"]]
@@ -156,6 +160,3 @@ class ClipExtractor(FanOutStage):
         record.meta["keyframes"] = [
             {"at": clip.keyframe_at[i], "frame": i} for i in sorted(clip.keyframes)
         ]
-        record.meta["provenance"][self.name] = (
-            f"pyav libx264 crf={self.config.clips.crf} preset={self.config.clips.preset}"
-        )

@@ -164,8 +164,7 @@ def run_stage(stage: Stage, records: list[Record], timeout_s: float | None = Non
     share = max(1, len(out))
     for record in out:
         add_timing(record, stage.name, (time.perf_counter() - start) / share, (time.process_time() - cpu_start) / share)
-        if record.alive and (line := stage.provenance_of(record)) is not None:
-            record.meta.setdefault("provenance", {})[stage.name] = line
+        _record_provenance(stage, record)
     if rejected:
         results = iter(out)
         placed = [r if id(r) in rejected else next(results, None) for r in arrived]
@@ -179,6 +178,12 @@ def add_timing(record: Record, stage: str, wall_s: float, cpu_s: float) -> None:
     for key, seconds in (("timings", wall_s), ("cpu_s", cpu_s)):
         spent = record.meta.setdefault(key, {})
         spent[stage] = spent.get(stage, 0.0) + seconds
+
+
+def _record_provenance(stage: Stage, record: Record) -> None:
+    """The stage's provenance line on a record it passed on (KEY.json keeps it)."""
+    if record.alive and (line := stage.provenance_of(record)) is not None:
+        record.meta.setdefault("provenance", {})[stage.name] = line
 
 
 def _pin_failure(stage: Stage, record: Record, exc: Exception) -> Record:
@@ -220,6 +225,7 @@ def fan_out(stage: FanOutStage, record: Record, timeout_s: float | None = None) 
             return
         del pending[id(part)]
         add_timing(part, stage.name, time.perf_counter() - start, time.process_time() - cpu_start)
+        _record_provenance(stage, part)
         yield part
 
 
