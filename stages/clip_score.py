@@ -37,19 +37,19 @@ class ClipScore(Stage):
         self.description = f"open_clip {open_clip.__version__} {spec.path} dtype={spec.dtype} device={device}"
 
     def process(self, records: list[Record]) -> list[Record]:
-        scored = list(records)  # every one carries keyframes (requires)
-        # One image pass for every keyframe of the batch and one text pass for every caption.
-        embeddings = self.scorer.encode_images([frame for r in scored for frame in r.blobs["keyframes"]])
-        captions = [(r.meta.get("caption") or {}).get("text") or None for r in scored]
+        # Every record carries keyframes (`requires`). One image pass for every keyframe of the batch and one text
+        # pass for every caption.
+        embeddings = self.scorer.encode_images([frame for r in records for frame in r.blobs["keyframes"]])
+        captions = [(r.meta.get("caption") or {}).get("text") or None for r in records]
         caption_embeddings = iter(self.scorer.encode_texts([c for c in captions if c]))
         start = 0
-        for record, caption in zip(scored, captions):
+        for record, caption in zip(records, captions):
             own = embeddings[start : start + len(record.blobs["keyframes"])]
             start += len(own)
             alignment = float(np.mean(own @ next(caption_embeddings))) if caption else None
             record.blobs["clip_keyframe_embeddings"] = own
             record.meta.setdefault("stats", {})["clip"] = {"caption_alignment": alignment, "model": self.spec.path}
-        self._score_instances(scored)
+        self._score_instances(records)
         return records
 
     def _score_instances(self, records: list[Record]) -> None:

@@ -53,9 +53,13 @@ class ReferenceCutter(Stage):
     @property
     def description(self) -> str:  # the provenance line (pipeline.core.stage)
         cfg = self.config.references
-        unavailable = {} if self.config.redux.enabled() else UNAVAILABLE
         return (f"ratio {cfg.ratio} seed={cfg.seed} pad={cfg.pad}; unavailable: "
-                + ("; ".join(f"{v} ({why})" for v, why in unavailable.items()) or "none"))
+                + ("; ".join(f"{v} ({why})" for v, why in self.unavailable.items()) or "none"))
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """Variants this config cannot make, and why (redux without its models)."""
+        return {} if self.config.redux.enabled() else UNAVAILABLE
 
     def process(self, records: list[Record]) -> list[Record]:
         for record in records:
@@ -65,7 +69,7 @@ class ReferenceCutter(Stage):
     def _cut(self, record: Record) -> None:
         cfg = self.config.references
         detections = {d["id"]: (i, d) for i, d in enumerate(record.meta.get("detections") or [])}
-        unavailable = {} if self.config.redux.enabled() else UNAVAILABLE
+        unavailable = self.unavailable
         keyframes = record.blobs["keyframes"]
         masks = record.blobs.get("masks")
         frame_of = [k.get("frame") for k in record.meta.get("keyframes", [])]

@@ -141,12 +141,9 @@ class ShotCutter(Stage):
                 device="cuda" if self.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
             )
 
-    def describe(self) -> str:
-        return f"{self.backend} threshold={self.threshold}"
-
     @property
     def description(self) -> str:  # the provenance line (pipeline.core.stage)
-        return self.describe()
+        return f"{self.backend} threshold={self.threshold}"
 
     def detect(self, path: str, fps: float, width: int, height: int) -> tuple[list[int], int, VideoError | None]:
         """(cut frame indices, frames decoded, decode error that ended the video early) for one video."""
