@@ -62,6 +62,32 @@ def shards_verify(out_dir, as_json):
     sys.exit(0 if result.ok else 1)
 
 
+@shards.command("why")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("name")
+@user_errors
+def shards_why(out_dir, name):
+    """What became of one input or clip, in one line: NAME is a sample or clip key, a source id, an input's path
+    or its file name. Reads the ledger, so it answers while a run is still going. Exits 1 when nothing matches.
+
+    Every input is in OUT_DIR/sources.parquet and every planned clip in OUT_DIR/clips.parquet."""
+    from pathlib import Path
+
+    from pipeline.inspection.stats import StatsError
+    from pipeline.store.accounting import why
+    from pipeline.store.ledger import LEDGER_NAME, Ledger
+
+    if not (Path(out_dir) / LEDGER_NAME).exists():
+        raise StatsError(f"{out_dir}: no ledger.jsonl here; is it the --output directory of an `s2v curate run`?")
+    lines = why(Ledger(out_dir).read(), name)
+    if not lines:
+        click.echo(f"{name}: not in {out_dir} (no input path, file name, source id or clip key matches; a file "
+                   "not yet committed, or skipped as already committed by an earlier run, is not listed)", err=True)
+        sys.exit(1)
+    for line in lines:
+        click.echo(line)
+
+
 @shards.command("show")
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("key")

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from pipeline.inspection.stats import RunData, SampleFacts, clip_values, combine, load_run, pooled_facts
 
 # Sections in page order; "metrics" appears only when some sample has KEY.json stats.metrics.
-SECTIONS = ("overview", "funnel", "categories", "attributes", "entities", "variants", "cross-pairs", "clips",
+SECTIONS = ("overview", "funnel", "inputs", "categories", "attributes", "entities", "variants", "cross-pairs", "clips",
             "faces", "quality-filter", "instance-filter", "throughput", "metrics")
 THRESHOLD = {"color": "#d62728", "linestyle": "--", "linewidth": 1.5}
 VALID, REJECTED = "#1f77b4", "#ff7f0e"
@@ -402,6 +402,18 @@ def _overview(summary: dict) -> str:
     return table + notes
 
 
+def _inputs(summary: dict) -> str:
+    inputs = summary.get("inputs") or {"inputs": 0, "by_status": {}, "with_samples": 0, "without_samples": 0,
+                                       "examples": []}
+    counts = _table(["inputs", *sorted(inputs["by_status"]), "gave samples", "gave none"],
+                    [[inputs["inputs"], *(inputs["by_status"][k] for k in sorted(inputs["by_status"])),
+                      inputs["with_samples"], inputs["without_samples"]]])
+    barren = _table(["input without samples", "status", "why", "clip outcomes"],
+                    [[e["source"], e["status"], e["reason"] or "-", e["detail"] or "-"] for e in inputs["examples"]])
+    more = inputs["without_samples"] - len(inputs["examples"])
+    return counts + (barren if inputs["examples"] else "") + (f"<p>... and {more} more.</p>" if more > 0 else "")
+
+
 def _funnel_table(summary: dict) -> str:
     return _table(["stage", "unit", "in", "out", "removed (reason: count)"],
                   [[s["stage"], s["unit"], s["in"], s["out"],
@@ -432,6 +444,11 @@ def write_report(out_dirs: list, html_path: str | Path) -> Path:
                  "Left: how many units (sources, then clips, then samples) entered and left each step, in flow "
                  "order. Right: what each step removed, by reason. A long bar on the right is where the data goes.",
                  _img(funnel_figure(summary), "funnel") + _funnel_table(summary)),
+        _section("inputs", "Inputs and what became of them",
+                 "Every input of the run: committed sources by status, duplicates skipped, patterns that matched "
+                 "nothing. Inputs that gave no sample are listed with the stage and reason that removed their "
+                 "clips (sources.parquet holds every input, clips.parquet every planned clip; "
+                 "<code>s2v shards why OUT NAME</code> answers for one).", _inputs(summary)),
         _section("categories", "Entity categories",
                  "Entities named by the captions of the samples, by taxonomy category and kind; the dark bar counts "
                  "those that got a reference image (subjects and objects with a consolidated identity).",

@@ -428,6 +428,14 @@ def combine(runs: list[RunData]) -> dict:
         "kinds": dict(sum((Counter(c.get("kinds") or {}) for c in crosses), Counter())),
         "shards": sum(c["shards"] for c in crosses), "bytes": sum(c["bytes"] for c in crosses),
     } if crosses else None
+    combined["inputs"] = {
+        "inputs": sum(s["inputs"]["inputs"] for s in summaries),
+        "by_status": dict(sum((Counter(s["inputs"]["by_status"]) for s in summaries), Counter())),
+        "with_samples": sum(s["inputs"]["with_samples"] for s in summaries),
+        "without_samples": sum(s["inputs"]["without_samples"] for s in summaries),
+        "reasons": dict(sum((Counter(s["inputs"]["reasons"]) for s in summaries), Counter()).most_common()),
+        "examples": [e for s in summaries for e in s["inputs"]["examples"]][:20],
+    }
     combined["runs"] = [r for s in summaries for r in s["runs"]]
     combined["last_run"] = None  # several directories have several last runs: see "throughput"
     _sample_level(combined, [row for r in runs for row in r.rows], pooled_facts(runs))
@@ -488,6 +496,7 @@ def print_stats(summary: dict, console: Console) -> None:
         funnel.add_row(step["stage"], step["unit"], str(step["in"]), str(step["out"]), reasons)
     console.print(funnel)
 
+    _print_inputs(summary, console)
     _print_variants(summary, console)
     instances = summary.get("instances")
     if instances:
@@ -560,6 +569,24 @@ def _print_totals(summary: dict, console: Console) -> None:
     for name, value in rows:
         totals.add_row(name, str(value))
     console.print(totals)
+
+
+def _print_inputs(summary: dict, console: Console) -> None:
+    inputs = summary.get("inputs")
+    if not inputs:
+        return
+    statuses = ", ".join(f"{k} {v}" for k, v in sorted(inputs["by_status"].items()))
+    console.print(f"Inputs: {inputs['inputs']} ({statuses}); {inputs['with_samples']} gave samples, "
+                  f"{inputs['without_samples']} gave none")
+    if inputs["without_samples"]:
+        table = Table(title="Inputs without samples (sources.parquet has every input; `s2v shards why OUT NAME`)")
+        for column in ("input", "status", "why"):
+            table.add_column(column)
+        for example in inputs["examples"]:
+            table.add_row(example["source"], example["status"], example["reason"] or "-")
+        if inputs["without_samples"] > len(inputs["examples"]):
+            table.add_row(f"... {inputs['without_samples'] - len(inputs['examples'])} more", "", "")
+        console.print(table)
 
 
 def _print_variants(summary: dict, console: Console) -> None:

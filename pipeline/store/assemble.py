@@ -174,7 +174,9 @@ class SourceAssembly:
             "status": (status, stage, reason),
         }
         if record.kind == "clip":
+            span = record.meta.get("span") or {}
             part["clip"] = {"key": record.key, "status": status, "stage": stage, "reason": reason,
+                            "start_s": span.get("start_s"), "end_s": span.get("end_s"),
                             **reference_counts(record.meta)}
             if status == "kept":
                 part["row"] = manifest_row(record)

@@ -1,4 +1,5 @@
-"""Derived outputs of a run, rebuilt from the ledger: index.json, manifest.parquet, errors.parquet, summary.json.
+"""Derived outputs of a run, rebuilt from the ledger: index.json, manifest.parquet, errors.parquet, sources.parquet,
+clips.parquet (pipeline/store/accounting.py), summary.json.
 
 They are pure functions of the committed state, so they are the same whether a run finished in one go or was
 killed and resumed, and `s2v shards stats` can compute the same summary while a job is still running.
@@ -14,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.store.accounting import CLIPS_SCHEMA, SOURCES_SCHEMA, clip_rows, input_outcomes, source_rows
 from pipeline.store.funnel import Funnel, recorded_order
 from pipeline.store.ledger import LedgerState
 
@@ -107,6 +109,7 @@ def summarize(state: LedgerState, transient_errors: list[dict] | None = None, or
         } if variants else None,
         # Own counts above (samples, shards, bytes, funnel); the cross-paired set carries its own.
         "cross_pairs": cross_summary(state),
+        "inputs": input_outcomes(state),
         "runs": runs,
         "last_run": runs[-1] if runs else None,
     }
@@ -140,6 +143,10 @@ def write_outputs(out_dir: str | Path, state: LedgerState, transient_errors: lis
         [{name: e.get(name) for name in ERRORS_SCHEMA.names} for e in errors], schema=ERRORS_SCHEMA
     )
     _atomic_write(out / "errors.parquet", lambda p: pq.write_table(errors_table, p))
+    for name, rows, schema in (("sources", source_rows(state, transient_errors), SOURCES_SCHEMA),
+                               ("clips", clip_rows(state), CLIPS_SCHEMA)):
+        table = pa.Table.from_pylist(rows, schema=schema)
+        _atomic_write(out / f"{name}.parquet", lambda p, table=table: pq.write_table(table, p))
 
     return write_summary(out, state, transient_errors)
 

@@ -53,7 +53,7 @@ def check_page(page: str, with_metrics: bool) -> dict[str, np.ndarray]:
     expected = [s for s in SECTIONS if s != "metrics" or with_metrics]
     assert re.findall(r'<section id="([^"]+)">', page) == expected
     pictures = images(page)
-    assert len(pictures) == page.count("<img") == len(expected) - 1  # the overview is tables only
+    assert len(pictures) == page.count("<img") == len(expected) - 2  # the overview and inputs are tables only
     for alt, pixels in pictures.items():
         assert pixels.shape[0] > 150 and pixels.shape[1] > 400, alt
         assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10, alt
