@@ -12,9 +12,17 @@ the clip key (a rerun draws the same). As in LumosX, when the clip has several e
 one keyframe while some entity could use another, that entity is moved to another keyframe: the references of one
 sample should not all be cut from the same frame.
 
+Views (MV-S2V): the reference instance is view 0; further views are taken greedily, up to `references.max_views`,
+among the clique's best instance of each other keyframe: the candidate that differs most from every view already
+taken, if it differs enough from each of them: head pose (yaw/pitch from the faces stage) changed by at least
+`references.min_view_pose` degrees, or appearance (1 - colour-histogram correlation, and 1 - face cosine when both
+have a face) changed by at least `references.min_view_change`. A subject that sits still gives one view. Each view
+records why it was taken.
+
 Per entity with a valid identity: `instances` (detection ids of the clique), `reference` ({"detection",
-"keyframe"}), `subject_id` (0, 1, ... in entity order: the reference slot the trainer sees) and `view_id` (0: one
-view per entity for now). A clip with no such entity is dropped: `consolidation`/`no_valid_entity`.
+"keyframe"}), `views` ([{"view_id", "detection", "keyframe", "pose", "why"}], view 0 first), `subject_id` (0, 1, ...
+in entity order: the reference slot the trainer sees) and `view_id` (0, the reference's). A clip with no such
+entity is dropped: `consolidation`/`no_valid_entity`.
 """
 
 from __future__ import annotations
@@ -62,6 +70,43 @@ def choose_frames(options: dict[str, list[int]], rng: random.Random) -> dict[str
             entity = rng.choice(movable)
             chosen[entity] = rng.choice(sorted(set(options[entity]) - {shared}))
     return chosen
+
+
+def view_difference(a: dict, b: dict, pose_step: float, change_step: float) -> tuple[float, str]:
+    """How far apart two instances are as views, in units of the thresholds (>= 1: a new view), and why.
+    `a`/`b`: {"pose": (yaw, pitch) | None, "hist": histogram, "face": embedding | None}."""
+    reasons = []
+    if a["pose"] is not None and b["pose"] is not None and pose_step > 0:
+        turn = float(np.hypot(a["pose"][0] - b["pose"][0], a["pose"][1] - b["pose"][1]))
+        reasons.append((turn / pose_step, f"head pose changed {turn:.0f} deg (yaw {a['pose'][0]:+.0f} vs "
+                                          f"{b['pose'][0]:+.0f}, pitch {a['pose'][1]:+.0f} vs {b['pose'][1]:+.0f})"))
+    if change_step > 0:
+        change = 1.0 - float(cv2.compareHist(a["hist"], b["hist"], cv2.HISTCMP_CORREL))
+        reasons.append((change / change_step, f"appearance changed {change:.2f} (1 - colour correlation)"))
+        if a["face"] is not None and b["face"] is not None:
+            change = 1.0 - float(np.dot(a["face"], b["face"]))
+            reasons.append((change / change_step, f"face embedding changed {change:.2f} (1 - cosine)"))
+    return max(reasons, default=(0.0, "no measure"))
+
+
+def choose_views(first: int, candidates: list[int], describe, max_views: int, pose_step: float,
+                 change_step: float) -> list[tuple[int, str]]:
+    """(instance, why) per view: `first` (view 0), then greedily the candidate farthest from every view taken,
+    while it is at least one threshold away from each. `describe(i)` gives the view_difference input of i."""
+    views = [(first, "reference instance (the drawn keyframe)")]
+    left = [c for c in candidates if c != first]
+    while len(views) < max_views and left:
+        scored = []
+        for c in left:
+            gaps = [view_difference(describe(c), describe(v), pose_step, change_step) for v, _ in views]
+            nearest = min(gaps, key=lambda g: g[0])
+            scored.append((nearest[0], c, nearest[1]))
+        gap, best, why = max(scored, key=lambda t: (t[0], -t[1]))
+        if gap < 1.0:
+            break
+        views.append((best, f"{why} vs the nearest view taken"))
+        left.remove(best)
+    return views
 
 
 class Consolidator(Stage):
@@ -125,6 +170,16 @@ class Consolidator(Stage):
             record.drop_by(self.name, "no_valid_entity")
             return
         chosen = choose_frames(options, clip_rng(cfg.seed, record.key))
+        refs = self.config.references
+        pose_of = {}  # detection id -> (yaw, pitch) of its best face
+        for face in sorted(faces, key=lambda f: f.get("score") or 0):
+            if face.get("detection") and face.get("yaw") is not None and face.get("pitch") is not None:
+                pose_of[face["detection"]] = (face["yaw"], face["pitch"])
+
+        def describe(i: int) -> dict:
+            d = detections[i]["id"]
+            return {"pose": pose_of.get(d), "hist": hist(i), "face": face_of.get(d)}
+
         slot = 0
         for entity in record.meta["entities"]:
             clique = cliques.get(entity["id"])
@@ -134,5 +189,14 @@ class Consolidator(Stage):
             best = max((i for i in clique if detections[i]["keyframe"] == frame), key=lambda i: detections[i]["score"])
             entity["instances"] = [detections[i]["id"] for i in clique]
             entity["reference"] = {"detection": detections[best]["id"], "keyframe": frame}
+            # One candidate per other keyframe: its best-scored instance.
+            per_frame = {}
+            for i in sorted(clique, key=lambda i: -detections[i]["score"]):
+                per_frame.setdefault(detections[i]["keyframe"], i)
+            views = choose_views(best, [per_frame[k] for k in sorted(per_frame) if k != frame], describe,
+                                 refs.max_views, refs.min_view_pose, refs.min_view_change)
+            entity["views"] = [{"view_id": n, "detection": detections[i]["id"], "keyframe": detections[i]["keyframe"],
+                                "pose": list(pose_of[detections[i]["id"]]) if detections[i]["id"] in pose_of else None,
+                                "why": why} for n, (i, why) in enumerate(views)]
             entity["subject_id"], entity["view_id"] = slot, 0
             slot += 1

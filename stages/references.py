@@ -1,4 +1,11 @@
-"""Reference images: one per consolidated entity, in a variant drawn by the configured mix (Kaleido).
+"""Reference images of each consolidated entity, each in a variant drawn by the configured mix (Kaleido):
+
+- one per view (MV-S2V): the views consolidation chose (`entity["views"]`, view 0 = the reference instance), each
+  with its `view_id` and the `why` of its choice;
+- with `references.attributes`, one per attribute region of a subject (LumosX: a subject is a face plus its
+  attributes): the best valid `part` detection of the entity per part (top, bottom, hairstyle, accessories,
+  footwear), preferably on the reference keyframe, with `attribute` (the part) and `tag` (its word), in the
+  subject's `group` so the trainer's LumosX branch holds them with the subject.
 
 Variants, all cut from the entity's reference keyframe around its box grown by `references.pad`:
 
@@ -12,7 +19,8 @@ Variants, all cut from the entity's reference keyframe around its box grown by `
 
 The draw is seeded by `references.seed`, the clip key and the entity id: reruns give the same variants. Each
 reference is `{"k", "file": "ref{k}.png", "mask": "mask{k}.png", "entity", "variant", "requested", "detection",
-"keyframe", "frame_index", "box", "scores", "source_clip", "source_key", "subject_id", "view_id", "group"}`;
+"keyframe", "frame_index", "box", "scores", "source_clip", "source_key", "subject_id", "view_id", "group",
+"why", "attribute", "tag"}` (`attribute` and `tag` null for a view of the whole entity);
 its pixels are `blobs["ref{k}"]` (H, W, 3 or 4) and its mask `blobs["refmask{k}"]` (H, W) 0/1.
 """
 
@@ -69,58 +77,87 @@ class ReferenceCutter(Stage):
     def _cut(self, record: Record) -> None:
         cfg = self.config.references
         detections = {d["id"]: (i, d) for i, d in enumerate(record.meta.get("detections") or [])}
-        unavailable = self.unavailable
-        keyframes = record.blobs["keyframes"]
-        masks = record.blobs.get("masks")
-        frame_of = [k.get("frame") for k in record.meta.get("keyframes", [])]
-        faces = record.meta.get("faces", [])
-        references = []
+        references: list[dict] = []
         for entity in record.meta.get("entities", []):
             if "reference" not in entity:
                 continue
-            index, detection = detections[entity["reference"]["detection"]]
-            k = detection["keyframe"]
-            frame = keyframes[k]
-            height, width = frame.shape[:2]
-            x0, y0, x1, y1 = padded_box(detection["box"], cfg.pad, width, height)
-            if masks is not None and len(masks) > index:
-                mask = masks[index][y0:y1, x0:x1].astype(np.uint8)
-            else:  # no segmentation: the box is the mask
-                mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
-                bx0, by0, bx1, by1 = detection["box"]
-                mask[max(by0 - y0, 0) : by1 - y0, max(bx0 - x0, 0) : bx1 - x0] = 1
-            crop = np.ascontiguousarray(frame[y0:y1, x0:x1])
-            requested, variant = draw_variant(cfg.ratio, clip_rng(cfg.seed, record.key, entity["id"]), unavailable)
-            n = len(references)
-            if variant == "segment":
-                crop = np.dstack([crop, mask * 255])
-            record.blobs[f"ref{n}"] = crop
-            record.blobs[f"refmask{n}"] = mask
-            face = next((f for f in faces if f.get("detection") == detection["id"]), None)
-            stats = detection.get("stats", {})
-            references.append({
-                "k": n,
-                "file": f"ref{n}.png",
-                "mask": f"mask{n}.png",
-                "entity": entity["id"],
-                "variant": variant,
-                "requested": requested,
-                "pending": variant in PENDING,
-                "detection": detection["id"],
-                "keyframe": k,
-                "frame_index": frame_of[k] if k < len(frame_of) else None,
-                "box": [x0, y0, x1, y1],
-                "scores": {
-                    "detection": detection.get("score"),
-                    "mask": detection.get("mask_score"),
-                    "clip_category": stats.get("clip_category"),
-                    "face": face["score"] if face else None,
-                    "frontal": face["frontal"] if face else None,
-                },
-                "source_clip": record.meta["clip_id"],
-                "source_key": record.key,
-                "subject_id": entity["subject_id"],
-                "view_id": entity["view_id"],
-                "group": entity.get("group"),
-            })
+            views = entity.get("views") or [{"view_id": 0, "detection": entity["reference"]["detection"],
+                                              "why": "reference instance"}]
+            for view in views:
+                # View 0 keeps the draw it always had (salt = entity id): adding views changes no existing variant.
+                salt = entity["id"] if view["view_id"] == 0 else f"{entity['id']}:view{view['view_id']}"
+                self._one(record, references, detections[view["detection"]], entity, salt,
+                          {"view_id": view["view_id"], "why": view.get("why"), "attribute": None, "tag": None})
+            if cfg.attributes and entity.get("kind") == "subject":
+                for part, index_and_detection in attribute_regions(entity, detections).items():
+                    self._one(record, references, index_and_detection, entity, f"{entity['id']}:{part}",
+                              {"view_id": 0, "why": f"{part} region ({index_and_detection[1].get('phrase')})",
+                               "attribute": part, "tag": index_and_detection[1]["label"]})
         record.meta["references"] = references
+
+    def _one(self, record: Record, references: list[dict], index_and_detection: tuple[int, dict], entity: dict,
+             salt: str, extra: dict) -> None:
+        """Cut one reference from a detection and append its entry (the module docstring's fields)."""
+        cfg = self.config.references
+        index, detection = index_and_detection
+        keyframes, masks = record.blobs["keyframes"], record.blobs.get("masks")
+        frame_of = [k.get("frame") for k in record.meta.get("keyframes", [])]
+        k = detection["keyframe"]
+        frame = keyframes[k]
+        height, width = frame.shape[:2]
+        x0, y0, x1, y1 = padded_box(detection["box"], cfg.pad, width, height)
+        if masks is not None and len(masks) > index:
+            mask = masks[index][y0:y1, x0:x1].astype(np.uint8)
+        else:  # no segmentation: the box is the mask
+            mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+            bx0, by0, bx1, by1 = detection["box"]
+            mask[max(by0 - y0, 0) : by1 - y0, max(bx0 - x0, 0) : bx1 - x0] = 1
+        crop = np.ascontiguousarray(frame[y0:y1, x0:x1])
+        requested, variant = draw_variant(cfg.ratio, clip_rng(cfg.seed, record.key, salt), self.unavailable)
+        n = len(references)
+        if variant == "segment":
+            crop = np.dstack([crop, mask * 255])
+        record.blobs[f"ref{n}"] = crop
+        record.blobs[f"refmask{n}"] = mask
+        face = next((f for f in record.meta.get("faces", []) if f.get("detection") == detection["id"]), None)
+        stats = detection.get("stats", {})
+        references.append({
+            "k": n,
+            "file": f"ref{n}.png",
+            "mask": f"mask{n}.png",
+            "entity": entity["id"],
+            "variant": variant,
+            "requested": requested,
+            "pending": variant in PENDING,
+            "detection": detection["id"],
+            "keyframe": k,
+            "frame_index": frame_of[k] if k < len(frame_of) else None,
+            "box": [x0, y0, x1, y1],
+            "scores": {
+                "detection": detection.get("score"),
+                "mask": detection.get("mask_score"),
+                "clip_category": stats.get("clip_category"),
+                "face": face.get("score") if face else None,
+                "frontal": face.get("frontal") if face else None,
+            },
+            "source_clip": record.meta["clip_id"],
+            "source_key": record.key,
+            "subject_id": entity["subject_id"],
+            "group": entity.get("group"),
+            **extra,
+        })
+
+
+def attribute_regions(entity: dict, detections: dict[str, tuple[int, dict]]) -> dict[str, tuple[int, dict]]:
+    """Per part: the valid part detection of `entity` to cut, on the reference keyframe if it has one there, else
+    the best-scored elsewhere."""
+    frame = entity["reference"]["keyframe"]
+    best: dict[str, tuple[int, dict]] = {}
+    for index, detection in detections.values():
+        if detection.get("entity") != entity["id"] or not detection.get("part") or not detection.get("valid", True):
+            continue
+        rank = (detection["keyframe"] == frame, detection.get("score") or 0.0)
+        held = best.get(detection["part"])
+        if held is None or rank > (held[1]["keyframe"] == frame, held[1].get("score") or 0.0):
+            best[detection["part"]] = (index, detection)
+    return dict(sorted(best.items()))

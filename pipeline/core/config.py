@@ -149,6 +149,12 @@ class SaliencyConfig(_Section):
     threshold: float = Field(0.5, gt=0, lt=1, description="U2-Net-p saliency probability a region pixel needs")
     min_area: float = Field(0.005, ge=0, lt=1, description="smaller regions (fraction of the keyframe) are ignored")
     max_boxes: int = Field(4, ge=1, description="largest regions kept per keyframe")
+    people: bool = Field(True, description="faces (dlib HOG) make person boxes, salient or not; people the caption "
+                                           "does not name become 'person' subjects (captionless footage too)")
+    max_people: int = Field(2, ge=0, description="person subjects added per clip, largest faces first")
+    attributes: bool = Field(True, description="top / bottom / hairstyle regions of each person, placed by "
+                                               "documented geometry relative to the face (stand-in for grounding "
+                                               "the attribute words)")
 
 
 class GroundingConfig(_Section):
@@ -319,6 +325,13 @@ class ReferencesConfig(_Section):
     )
     pad: float = Field(0.1, ge=0, le=1, description="crops grow by this fraction of the box on each side")
     seed: int = 0
+    max_views: int = Field(3, ge=1, description="views per subject (MV-S2V): instances from different keyframes "
+                                                "that differ in head pose or appearance, each its own reference")
+    min_view_pose: float = Field(12.0, ge=0, description="degrees of head yaw/pitch change that make a new view")
+    min_view_change: float = Field(0.15, ge=0, le=2, description="1 - colour-histogram correlation (or 1 - face "
+                                                                 "cosine) that makes a new view")
+    attributes: bool = Field(True, description="cut each attribute region of a subject (top, bottom, hairstyle, "
+                                               "accessories, footwear) into its own reference in the subject's group")
 
     @field_validator("ratio", mode="before")
     @classmethod

@@ -414,6 +414,13 @@ def _inputs(summary: dict) -> str:
     return counts + (barren if inputs["examples"] else "") + (f"<p>... and {more} more.</p>" if more > 0 else "")
 
 
+def _views_table(content: dict) -> str:
+    views = content.get("views_per_entity") or {}
+    attributes = content.get("attribute_references") or {}
+    return (_table(["views per referenced entity", *views], [["entities", *views.values()]]) if views else "") + (
+        _table(["attribute references", *attributes], [["references", *attributes.values()]]) if attributes else "")
+
+
 def _funnel_table(summary: dict) -> str:
     return _table(["stage", "unit", "in", "out", "removed (reason: count)"],
                   [[s["stage"], s["unit"], s["in"], s["out"],
@@ -457,8 +464,10 @@ def write_report(out_dirs: list, html_path: str | Path) -> Path:
                  "Attribute words of the subjects (clothing, accessories, hairstyle, colours), by slot.",
                  _img(attributes_figure(content), "attributes")),
         _section("entities", "Entities per sample",
-                 "How many samples have N entities, N reference images and N subjects (people).",
-                 _img(entities_figure(content), "entities per sample")),
+                 "How many samples have N entities, N reference images and N subjects (people); below, how many "
+                 "views each referenced entity has (MV-S2V: views differ in head pose or appearance) and the "
+                 "attribute references cut per part (LumosX).",
+                 _img(entities_figure(content), "entities per sample") + _views_table(content)),
         _section("variants", "Reference variant mix",
                  "Share of each reference variant: configured (references.ratio, normalised), drawn by the ratio "
                  "for the samples, and made. Made differs from drawn when a variant is unavailable (redux without "

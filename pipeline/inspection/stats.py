@@ -59,6 +59,8 @@ class SampleFacts:
     def __init__(self):
         self.samples = 0
         self.kinds, self.categories, self.referenced, self.attributes = Counter(), Counter(), Counter(), Counter()
+        # Per referenced entity: how many views it has (MV-S2V); per attribute part: references cut (LumosX).
+        self.views, self.attribute_refs = Counter(), Counter()
         self.per_sample = {"entities": Counter(), "references": Counter(), "subjects": Counter()}
         self.faces: dict[str, array] = {name: array("d") for name in (*FACE_FIELDS, "frontal")}
         # Instance-filter scores of every detection with stats, and whether that detection passed the filter.
@@ -80,6 +82,9 @@ class SampleFacts:
             self.categories[category] += 1
             if entity.get("references"):
                 self.referenced[category] += 1
+                refs = [r for r in entity["references"] if isinstance(r, dict)]
+                self.views[len({r.get("view_id") for r in refs if not r.get("attribute")})] += 1
+                self.attribute_refs.update(str(r["attribute"]) for r in refs if r.get("attribute"))
             for slot, words in (entity.get("attributes") or {}).items():
                 for word in words or []:
                     self.attributes[f"{slot}: {word}"] += 1
@@ -125,7 +130,8 @@ class SampleFacts:
         self.samples += other.samples
         for mine, theirs in ((self.kinds, other.kinds), (self.categories, other.categories),
                              (self.referenced, other.referenced), (self.attributes, other.attributes),
-                             (self.flags, other.flags)):
+                             (self.flags, other.flags), (self.views, other.views),
+                             (self.attribute_refs, other.attribute_refs)):
             mine.update(theirs)
         for name, counts in other.per_sample.items():
             self.per_sample[name].update(counts)
@@ -252,6 +258,8 @@ def content_counts(facts: SampleFacts) -> dict:
         "categories_with_references": dict(facts.referenced.most_common()),
         "attributes": dict(facts.attributes.most_common()),
         "per_sample": {name: {str(n): c[n] for n in sorted(c)} for name, c in facts.per_sample.items()},
+        "views_per_entity": {str(n): facts.views[n] for n in sorted(facts.views)},
+        "attribute_references": dict(facts.attribute_refs.most_common()),
     }
 
 
@@ -614,6 +622,12 @@ def _print_content(summary: dict, console: Console) -> None:
     for n in sorted({int(k) for c in per.values() for k in c}):
         table.add_row(str(n), *(str(per[c].get(str(n), 0)) for c in ("entities", "references", "subjects")))
     console.print(table)
+    views = content.get("views_per_entity") or {}
+    if views:
+        console.print("Views per referenced entity (MV-S2V): "
+                      + ", ".join(f"{n} view{'s' if n != '1' else ''}: {c}" for n, c in views.items())
+                      + "; attribute references (LumosX): "
+                      + (", ".join(f"{k} {v}" for k, v in content["attribute_references"].items()) or "none"))
     for title, counts, extra in (("Top categories", content["categories"], content["categories_with_references"]),
                                  ("Top attributes", content["attributes"], None)):
         if not counts:

@@ -117,3 +117,68 @@ def test_on_a_200_sample_run_the_realized_mix_is_within_5_points_of_the_ratio():
     # redux has no backend: its tenth of the draws goes to the others in proportion, so 1:5:3 of what is made.
     for variant, share in (("crop", 1 / 9), ("segment", 5 / 9), ("inpaint", 3 / 9)):
         assert realized[variant] / total == pytest.approx(share, abs=0.05), realized
+
+
+def test_a_static_subject_gives_one_view():
+    record = consolidate(clip())  # the same cat and cup pixels on all three keyframes
+    for entity in record.meta["entities"][:2]:
+        assert [v["view_id"] for v in entity["views"]] == [0]
+        assert entity["views"][0]["detection"] == entity["reference"]["detection"]
+
+
+def test_a_subject_seen_frontal_and_in_profile_gives_two_views_with_different_yaw():
+    """Yaw 0 and 4 on two keyframes (one view: 4 degrees is no new view), 50 on the third (a profile)."""
+    for n in range(12):  # whichever keyframe the reference is drawn on
+        record = clip(key=f"k{n}")
+        record.meta["entities"][0]["kind"] = "subject"
+        record.meta["faces"] = [{"detection": d, "score": 0.9, "yaw": yaw, "pitch": 0.0}
+                                for d, yaw in (("d0", 0.0), ("d2", 4.0), ("d4", 50.0))]
+        consolidate(record)
+        views = record.meta["entities"][0]["views"]
+        yaws = [v["pose"][0] for v in views]
+        assert len(views) == 2 and abs(yaws[0] - yaws[1]) >= 46, views
+        assert "head pose changed" in views[1]["why"] and views[0]["view_id"] == 0 and views[1]["view_id"] == 1
+        assert views[0]["detection"] == record.meta["entities"][0]["reference"]["detection"]
+
+
+def test_views_stop_at_max_views_and_each_is_cut_with_its_view_id():
+    record = clip()
+    record.meta["entities"][0]["kind"] = "subject"
+    record.meta["faces"] = [{"detection": d, "score": 0.9, "yaw": yaw, "pitch": 0.0}
+                            for d, yaw in (("d0", -40.0), ("d2", 0.0), ("d4", 40.0))]
+    consolidate(record, ["references.max_views=2"])
+    assert len(record.meta["entities"][0]["views"]) == 2
+    consolidate(record, ["references.max_views=3"])
+    cat = record.meta["entities"][0]
+    assert sorted(v["keyframe"] for v in cat["views"]) == [0, 1, 2]
+    run_stage(ReferenceCutter(build_config({})), [record])
+    refs = [r for r in record.meta["references"] if r["entity"] == "e0"]
+    assert [(r["view_id"], r["keyframe"]) for r in refs] == [(v["view_id"], v["keyframe"]) for v in cat["views"]]
+    assert all(r["why"] and r["attribute"] is None for r in refs)
+
+
+def test_attribute_regions_become_references_in_the_subjects_group():
+    record = clip()
+    cat = record.meta["entities"][0]
+    cat.update(kind="subject", group="g0", attributes={"top": ["scarf"]})
+    # Two top regions (keyframes 0 and 2) and a hairstyle region on keyframe 1; an invalid bottom region.
+    parts = [(0, "top", "scarf", True), (2, "top", "scarf", True), (1, "hairstyle", "hairstyle", True),
+             (0, "bottom", "bottom", False)]
+    x0, y0, x1, y1 = CAT
+    for k, part, word, valid in parts:
+        record.meta["detections"].append({"id": f"d{len(record.meta['detections'])}", "keyframe": k, "entity": "e0",
+                                          "label": word, "part": part, "box": [x0, y0 + 40, x1, y1 - 40],
+                                          "score": 0.8, "valid": valid, "phrase": "face-anchored attribute box"})
+    record.blobs["masks"] = np.concatenate([record.blobs["masks"], np.ones((4, *record.blobs["masks"].shape[1:]),
+                                                                            np.uint8)])
+    consolidate(record)
+    run_stage(ReferenceCutter(build_config({})), [record])
+    refs = [r for r in record.meta["references"] if r["entity"] == "e0"]
+    attributes = {r["attribute"]: r for r in refs if r["attribute"]}
+    assert set(attributes) == {"top", "hairstyle"}  # the invalid bottom is not cut
+    assert attributes["top"]["tag"] == "scarf" and attributes["hairstyle"]["tag"] == "hairstyle"
+    assert all(r["group"] == "g0" and r["subject_id"] == cat["subject_id"] for r in refs)
+    reference_frame = cat["reference"]["keyframe"]
+    if reference_frame in (0, 2):  # a top region exists on the reference keyframe: that one is cut
+        assert attributes["top"]["keyframe"] == reference_frame
+    assert not any(r["attribute"] for r in record.meta["references"] if r["entity"] == "e1")  # an object

@@ -62,7 +62,7 @@ def test_real_weights_box_both_subjects_and_bind_them(grounder):
         return (WIDTH - box[2], box[1], WIDTH - box[0], box[3])
 
     for k, woman, cup in ((0, WOMAN, CUP), (1, mirrored(WOMAN), mirrored(CUP))):
-        found = {d["entity"]: d for d in detections if d["keyframe"] == k}
+        found = {d["entity"]: d for d in detections if d["keyframe"] == k and d["part"] is None}
         # The astronaut's region holds a frontal face: she is the caption's one human; the cup is what is left.
         assert found["e0"]["label"] == "woman" and iou(found["e0"]["box"], woman) > 0.5, found
         assert found["e1"]["label"] == "cup" and iou(found["e1"]["box"], cup) > 0.5, found
@@ -92,28 +92,54 @@ def region(label: int, area: float) -> tuple:
 
 
 @pytest.mark.parametrize(
-    "regions, faces, entities, expected",
+    "regions, entities, expected",
     [
-        # One human in the caption: the region with the face is hers; the one object left takes the largest rest.
-        ([region(1, 0.3), region(2, 0.2), region(3, 0.1)], {2}, ENTITIES,
-         [("e1", "cup"), ("e0", "woman"), (None, OBJECT)]),
-        # Two humans: faces say "person" but not who; two objects left: no guess either.
-        ([region(1, 0.3), region(2, 0.2)], {1, 2},
-         [{"id": "a", "kind": "subject", "word": "man"}, {"id": "b", "kind": "subject", "word": "woman"}],
-         [(None, "person"), (None, "person")]),
-        ([region(1, 0.3), region(2, 0.2)], set(),
+        # The one entity no person took is the largest region left; the rest are unnamed objects.
+        ([region(1, 0.3), region(3, 0.1)], ENTITIES[1:], [("e1", "cup"), (None, OBJECT)]),
+        # Two entities left: no guess.
+        ([region(1, 0.3), region(2, 0.2)],
          [{"id": "a", "kind": "object", "word": "cup"}, {"id": "b", "kind": "object", "word": "saucer"}],
          [(None, OBJECT), (None, OBJECT)]),
         # A lone entity with no face found (a profile, a cat) is the largest region.
-        ([region(4, 0.1), region(5, 0.05)], set(), [{"id": "c", "kind": "object", "word": "tabby cat"}],
+        ([region(4, 0.1), region(5, 0.05)], [{"id": "c", "kind": "object", "word": "tabby cat"}],
          [("c", "tabby cat"), (None, OBJECT)]),
-        # Two face regions, one human: the larger is her, the other is some person.
-        ([region(1, 0.3), region(2, 0.2)], {1, 2}, ENTITIES[:1], [("e0", "woman"), (None, "person")]),
-        ([], set(), ENTITIES, []),
+        ([], ENTITIES, []),
     ],
 )
-def test_binding_rules(regions, faces, entities, expected):
-    assert bind_regions(regions, faces, entities) == expected
+def test_binding_rules_for_regions_without_a_face(regions, entities, expected):
+    assert bind_regions(regions, entities) == expected
+
+
+def test_faces_make_person_subjects_without_a_caption(grounder):
+    """Captionless: no entity at all. The astronaut's face makes a 'person' subject with a person box around her
+    and top/hairstyle boxes placed from her face; the cup stays an unnamed object."""
+    record = Record(kind="clip", source_path="x.mp4", key="k", meta={"entities": []})
+    record.blobs["keyframes"] = scene()[None]
+    run_stage(grounder, [record])
+    entities = record.meta["entities"]
+    assert [(e["id"], e["kind"], e["word"], e["origin"], e["group"]) for e in entities] == [
+        ("e0", "subject", "person", "face", "g0")]
+    people = [d for d in record.meta["detections"] if d["entity"] == "e0" and d["part"] is None]
+    assert len(people) == 1 and iou(people[0]["box"], WOMAN) > 0.4, people
+    parts = {d["part"]: d for d in record.meta["detections"] if d["part"]}
+    assert {"top", "hairstyle"} <= set(parts) and all(p["label"] == p["part"] for p in parts.values())
+    x0, y0, x1, y1 = people[0]["box"]
+    for part in parts.values():  # inside the person, the hair above the top
+        px0, py0, px1, py1 = part["box"]
+        assert x0 <= px0 < px1 <= x1 and y0 <= py0 < py1 <= y1, part
+    assert parts["hairstyle"]["box"][1] < parts["top"]["box"][1]
+    assert any("person subject" in w["message"] for w in record.meta["warnings"])
+
+
+def test_the_captions_one_human_takes_the_face_and_her_attribute_words(grounder):
+    entities = [{"id": "e0", "kind": "subject", "word": "woman", "group": "g0",
+                 "attributes": {"top": ["spacesuit"]}}, *ENTITIES[1:]]
+    record = Record(kind="clip", source_path="x.mp4", key="k", meta={"entities": [dict(e) for e in entities]})
+    record.blobs["keyframes"] = scene()[None]
+    run_stage(grounder, [record])
+    assert len(record.meta["entities"]) == 3  # nobody added: the one face is the woman's
+    parts = {d["part"]: d["label"] for d in record.meta["detections"] if d["entity"] == "e0" and d["part"]}
+    assert parts["top"] == "spacesuit" and parts["hairstyle"] == "hairstyle"
 
 
 def test_missing_weights_name_the_fetch_command(tmp_path):

@@ -279,3 +279,34 @@ def test_config_errors_name_the_key():
         DataConfig(shards="x", batch_size=0)
     with pytest.raises(ValidationError, match="nope"):
         DataConfig(shards="x", nope=1)
+
+
+def test_views_and_attribute_references_keep_their_subjects_group_and_views():
+    """A subject with two views and a 'top' attribute reference, and an object: LumosX puts the subject's three in
+    one branch (one t) and the object in its own; TS-RoPE lays the subject's views at adjacent t."""
+    from trainer.data import plan_references
+    from trainer.positions import lumosx_branches, ref_offsets
+
+    def ref(k, entity, subject, view, group=None, attribute=None):
+        return {"file": f"ref{k}.png", "entity": entity, "subject_id": subject, "view_id": view, "group": group,
+                "attribute": attribute, "tag": attribute}
+
+    meta = {"entities": [
+        {"id": "e0", "kind": "subject", "word": "person", "group": "g0", "subject_id": 0, "attributes": {},
+         "references": [ref(0, "e0", 0, 0, "g0"), ref(1, "e0", 0, 1, "g0"), ref(2, "e0", 0, 0, "g0", "top")]},
+        {"id": "e1", "kind": "object", "word": "car", "subject_id": 1, "references": [ref(3, "e1", 1, 0)]},
+    ]}
+    refs, _words = plan_references(meta, {f"ref{k}.png" for k in range(4)}, DataConfig(shards="x", max_refs=8))
+    kinds, groups = [r.kind for r in refs], [r.group for r in refs]
+    assert groups[:3] == [0, 0, 0] and groups[3] != 0
+    branches = lumosx_branches(kinds, groups)
+    assert branches == [0, 0, 0, 1]
+    offsets = ref_offsets("lumosx", (3, 4, 4), [(2, 2)] * 4, [r.subject for r in refs], [r.view for r in refs],
+                          kinds, groups)
+    assert {t for t, _, _ in offsets[:3]} == {3} and offsets[3][0] == 4  # one t for the group, side by side in w
+    assert [w for _, _, w in offsets[:3]] == [0, 2, 4]
+    ts = ref_offsets("ts-rope", (3, 4, 4), [(2, 2)] * 4, [r.subject for r in refs], [r.view for r in refs],
+                     kinds, groups)
+    # T - 1 + delta(4) = 6 for the subject: view 0, its attribute (view 0, later), view 1 at 6, 7, 8; the object at
+    # 8 + 4 = 12.
+    assert [t for t, _, _ in ts] == [6, 8, 7, 12]
