@@ -7,7 +7,8 @@ reading the shards. A refilter writes a new output directory (the source run is 
 - a clip whose quality stats now fail is dropped (`quality_filter`, with the reason);
 - every instance is re-decided (`valid`, `rejected`, `stats.instances`); an entity keeps the valid part of its
   identity clique, and loses its reference when the instance its reference was cut from is now invalid (the
-  reference is not re-cut from another keyframe: that needs the frames and the models);
+  reference is not re-cut from another keyframe: that needs the frames and the models); a further view or an
+  attribute reference whose instance is now invalid is left out;
 - a clip left with no reference is dropped (`consolidation` / `no_valid_entity`);
 - references are renumbered (`ref{k}`, `mask{k}`, `subject_id`) so the sample format holds;
 - the cross-pair set is rebuilt from the kept samples.
@@ -71,8 +72,13 @@ def _refilter_meta(meta: dict, config: RunConfig) -> tuple[str, str] | None:
             continue
         if entity["reference"]["detection"] in valid:
             entity["instances"] = [i for i in entity["instances"] if i in valid]
+            # Views and attribute regions whose instance is now invalid lose their reference; view 0 stays.
+            if "views" in entity:
+                entity["views"] = [v for v in entity["views"] if v["detection"] in valid]
+            if "references" in entity:
+                entity["references"] = [r for r in entity["references"] if r.get("detection") in valid]
             continue
-        for field in ("instances", "reference", "subject_id", "view_id", "references"):
+        for field in ("instances", "reference", "subject_id", "view_id", "views", "references"):
             entity.pop(field, None)
     if not any("reference" in e for e in meta.get("entities", [])):
         return "consolidation", "no_valid_entity"
