@@ -76,7 +76,8 @@ def _refilter_meta(meta: dict, config: RunConfig) -> tuple[str, str] | None:
             if "views" in entity:
                 entity["views"] = [v for v in entity["views"] if v["detection"] in valid]
             if "references" in entity:
-                entity["references"] = [r for r in entity["references"] if r.get("detection") in valid]
+                entity["references"] = [r for r in entity["references"]
+                                        if r.get("detection") is None or r["detection"] in valid]
             continue
         for field in ("instances", "reference", "subject_id", "view_id", "views", "references"):
             entity.pop(field, None)
