@@ -129,6 +129,10 @@ FLOW: list[Row] = [
     Row("instance_stats", "stages.instances:InstanceStats", when=_grounded),
     Row("instance_filter", "stages.instances:InstanceFilter", when=_grounded),
     Row("consolidation", "stages.consolidation:Consolidator", when=_grounded),
+    # Before references: a subject that is not in the video gets no reference.
+    Row("tracking", "stages.tracking:SubjectTracker", when=lambda c: _grounded(c) and c.tracking.enabled,
+        off=lambda c: ["tracking"] if _grounded(c) and not c.tracking.enabled else []),
+    Row("track_filter", "stages.tracking:TrackFilter", when=lambda c: _grounded(c) and c.tracking.enabled),
     Row("references", "stages.references:ReferenceCutter", when=_grounded),
     # Without the FLUX Redux models its share of the reference mix goes to the other variants.
     Row("redux", "stages.redux:Reduxer", when=lambda c: _grounded(c) and c.redux.enabled(),

@@ -245,9 +245,30 @@ class InstanceFilterConfig(_Section):
         return self
 
 
+class TrackFilterConfig(_Section):
+    """Per subject, from its track through the clip (`tracking`): is the subject in the video it is a reference for."""
+
+    min_presence: float = Field(0.5, ge=0, le=1, description="share of the sampled frames the subject is found in")
+    min_run_s: float = Field(1.0, ge=0, description="longest stretch (seconds) of consecutive frames it is found in; "
+                                                    "OpenS2V keeps face tracks of >= 81 frames (3.4 s at 24 fps)")
+
+
 class FiltersConfig(_Section):
     quality: QualityFilterConfig = Field(default_factory=QualityFilterConfig)
     instances: InstanceFilterConfig = Field(default_factory=InstanceFilterConfig)
+    tracks: TrackFilterConfig = Field(default_factory=TrackFilterConfig)
+
+
+class TrackingConfig(_Section):
+    """Following each consolidated subject through the clip, not only at its keyframes (faces for people, template
+    matching for objects)."""
+
+    enabled: bool = True
+    fps: float = Field(2.0, gt=0, description="frames sampled per second of clip")
+    max_frames: int = Field(32, ge=2, description="at most this many frames per clip (evenly spread)")
+    min_match: float = Field(0.55, ge=-1, le=1, description="objects: normalised cross-correlation of the reference "
+                                                            "crop that counts as found")
+    resources: StageResources = Field(default_factory=StageResources)
 
 
 class ConsolidationConfig(_Section):
@@ -453,6 +474,7 @@ class RunConfig(_Section):
     clip_score: ClipScoreConfig = Field(default_factory=ClipScoreConfig)
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
     consolidation: ConsolidationConfig = Field(default_factory=ConsolidationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     references: ReferencesConfig = Field(default_factory=ReferencesConfig)
     inpaint: InpaintConfig = Field(default_factory=InpaintConfig)
     redux: ReduxConfig = Field(default_factory=ReduxConfig)

@@ -10,6 +10,8 @@ reading the shards. A refilter writes a new output directory (the source run is 
   reference is not re-cut from another keyframe: that needs the frames and the models); a further view or an
   attribute reference whose instance is now invalid is left out;
 - a clip left with no reference is dropped (`consolidation` / `no_valid_entity`);
+- every subject's track is re-decided (`filters.tracks`): one that now fails loses its references, and a clip left
+  with none is dropped (`track_filter` / `subject_absent`);
 - references are renumbered (`ref{k}`, `mask{k}`, `subject_id`) so the sample format holds;
 - the cross-pair set is rebuilt from the kept samples.
 
@@ -35,6 +37,7 @@ from pipeline.store.outputs import write_outputs
 from pipeline.store.shards import ShardSink, read_shard_samples, sample_json
 from stages.instances import decide_instances
 from stages.quality import quality_decision
+from stages.tracking import apply_track_decisions
 
 REFILTERABLE = "filters."
 
@@ -83,6 +86,8 @@ def _refilter_meta(meta: dict, config: RunConfig) -> tuple[str, str] | None:
             entity.pop(field, None)
     if not any("reference" in e for e in meta.get("entities", [])):
         return "consolidation", "no_valid_entity"
+    if not apply_track_decisions(meta.get("entities", []), config.filters.tracks):
+        return "track_filter", "subject_absent"
     return None
 
 

@@ -76,3 +76,39 @@ ASTRONAUT = keyframe(data.astronaut())
 ASTRONAUT_MIRRORED = keyframe(data.astronaut()[:, ::-1])
 CAMERAMAN = keyframe(data.camera())
 COFFEE = keyframe(data.coffee())
+
+
+def leaving_clip(subject: np.ndarray, box: list[int], seconds: float = 4.0, leaves_at: float | None = None,
+                 fps: int = 24, key: str = "k") -> Record:
+    """A clip record (mp4, keyframes at 5/50/95 %, clip facts) of `subject` (a photo) pasted at `box` on a lawn,
+    drifting right by 1 px a frame, and gone from `leaves_at` seconds on (None: it stays)."""
+    from pipeline.core.video import ClipEncoder
+
+    lawn = cv2.resize(np.stack([data.grass()] * 3, axis=-1), (WIDTH, HEIGHT))
+    x0, y0, x1, y1 = box
+    patch = cv2.resize(subject, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+    n = round(seconds * fps)
+    encoder = ClipEncoder(WIDTH, HEIGHT, fps)
+    frames = []
+    for i in range(n):
+        frame = lawn.copy()
+        if leaves_at is None or i / fps < leaves_at:
+            dx = min(i, WIDTH - x1)
+            frame[y0:y1, x0 + dx : x1 + dx] = patch
+        encoder.add(frame)
+        frames.append(frame)
+    record = Record(kind="clip", source_path="x.mp4", key=key)
+    record.put_bytes("mp4", encoder.finish())
+    marks = [round(p * (n - 1)) for p in (0.05, 0.5, 0.95)]
+    record.blobs["keyframes"] = np.stack([frames[i] for i in marks])
+    record.meta.update(clip_id=f"clip-{key}", clip={"num_frames": n, "fps": float(fps), "duration_s": n / fps,
+                                                    "width": WIDTH, "height": HEIGHT},
+                       keyframes=[{"at": p, "frame": i} for p, i in zip((0.05, 0.5, 0.95), marks)])
+    # Consolidated already: one entity whose reference is the subject on keyframe 0.
+    record.meta["entities"] = [{"id": "e0", "kind": "object", "word": "cat", "instances": ["d0"],
+                                "reference": {"detection": "d0", "keyframe": 0}, "subject_id": 0, "view_id": 0}]
+    dx = min(marks[0], WIDTH - x1)
+    record.meta["detections"] = [{"id": "d0", "keyframe": 0, "entity": "e0", "label": "cat", "part": None,
+                                  "box": [x0 + dx, y0, x1 + dx, y1], "score": 0.9, "valid": True}]
+    record.meta["faces"] = []
+    return record

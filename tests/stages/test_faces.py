@@ -16,9 +16,10 @@ from torch import nn
 from pipeline.core.config import build_config
 from pipeline.core.record import Record
 from pipeline.core.stage import run_stage
+from pipeline.models.faces import ARCFACE_TEMPLATE, dlib_margin, dlib_score
 from pipeline.models.loader import ModelUnavailable
 from pipeline.testing.clips import ASTRONAUT, ASTRONAUT_MIRRORED, CAMERAMAN, COFFEE
-from stages.faces import ARCFACE_TEMPLATE, FaceDetector, dlib_margin, dlib_score
+from stages.faces import FaceDetector
 
 pytestmark = [
     # Third-party noise: torch's legacy ONNX exporter (the one environment.md recommends) and skimage's deprecation

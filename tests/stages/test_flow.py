@@ -20,7 +20,8 @@ def test_the_quickstart_runs_the_offline_flow_and_says_what_stands_in_for_what()
     config = load_config(CONFIGS / "quickstart.yaml")
     names = [cls.name for cls in build_flow(config)]
     assert names == ["probe", "shot_cut", "clip_extract", "quality_stats", "quality_filter", "entities", "grounding",
-                     "segmentation", "faces", "instance_stats", "instance_filter", "consolidation", "references",
+                     "segmentation", "faces", "instance_stats", "instance_filter", "consolidation", "tracking",
+                     "track_filter", "references",
                      "inpainting", "metrics"]
     flow = describe_flow(config)
     assert flow["stages"] == names
