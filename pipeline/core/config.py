@@ -439,6 +439,8 @@ class OutputConfig(_Section):
     split: str = Field("train", pattern=r"^[a-z0-9_]+$")
     shard_max_samples: int = Field(256, ge=1)
     shard_max_mb: float = Field(512.0, gt=0)
+    rejects_per_reason: int = Field(3, ge=0, description="dropped clips kept per stage and reason in rejects/ shards, "
+                                                         "so a filter's precision can be judged; 0 = none")
 
 
 class RayConfig(_Section):

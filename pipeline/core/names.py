@@ -20,7 +20,7 @@ from pipeline.core.errors import UserFacingError
 _KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,199}")
 # What follows `KEY.` in a member name: "json", "mp4", "ref0.png", "faces.npy", ...
 _PART = re.compile(r"[A-Za-z0-9_]{1,64}(\.[A-Za-z0-9_]{1,64}){0,3}")
-_SHARD = re.compile(r"shards/[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}\.tar")
+_SHARD = re.compile(r"(?:shards|rejects)/[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}\.tar")
 
 
 class UnsafeName(UserFacingError, ValueError):
@@ -56,9 +56,11 @@ def split_member(name: str, where: str = "") -> tuple[str, str]:
 
 
 def shard_path(out_dir: str | Path, rel: str) -> Path:
-    """`out_dir / rel` for a shard path as index.json, the ledger and the manifest write it (`shards/NAME.tar`)."""
+    """`out_dir / rel` for a shard path as index.json, the ledger and the manifest write it (`shards/NAME.tar`, or
+    `rejects/NAME.tar` for the examples of dropped clips)."""
     if not isinstance(rel, str) or not _SHARD.fullmatch(rel):
-        raise UnsafeName(f"{out_dir}: shard path {rel!r} is not shards/NAME.tar; refusing to open it")
+        raise UnsafeName(f"{out_dir}: shard path {rel!r} is not shards/NAME.tar or rejects/NAME.tar; refusing to "
+                         "open it")
     return Path(out_dir) / rel
 
 

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pipeline.core.errors import UserFacingError
 from pipeline.core.names import UnsafeName, check_key, shard_path
 from pipeline.core.video import VideoError, iter_frames
+from pipeline.store.ledger import Ledger
 from pipeline.store.shards import iter_members, read_shard_samples
 
 WIDTH = 1600
@@ -101,6 +102,7 @@ def find_sample(out_dir: str | Path, key: str) -> Sample:
         raise ContactSheetError(f"{out}: no index.json (not a finished `s2v curate run` output; a run still going "
                                 "writes it when it ends)")
     shards = [e["url"] for e in json.loads(index_path.read_text()).get("shardlist", [])]
+    shards += sorted(Ledger(out).read().rejects)  # examples of dropped clips: not training data, not in index.json
     hint = _manifest_shard(out, key)
     order = ([hint] if hint in shards else []) + [s for s in shards if s != hint]
     seen: dict[str, str] = {}
@@ -399,8 +401,11 @@ def _reference_lines(ref: dict, entity: dict, base_key: str) -> list[str]:
     asked = f" (drawn: {ref['requested']})" if ref.get("requested") and ref["requested"] != variant else ""
     word = entity.get("word") or entity.get("category")
     group = entity.get("group") or ref.get("group")
+    who = f"“{word}”" if word else ""
+    if ref.get("attribute"):  # an attribute reference (LumosX): its own word, in its subject's group
+        who = f"“{ref.get('tag') or ref['attribute']}” ({ref['attribute']} of {who or 'the subject'})"
     lines = [f"{ref.get('file', '?')} · {variant}{asked}",
-             (f"“{word}” · " if word else "") + f"{entity.get('id', '?')} {entity.get('kind', '')}"
+             (f"{who} · " if who else "") + f"{entity.get('id', '?')} {entity.get('kind', '')}"
              + (f" · group {group}" if group else ""),
              (f"subject {ref.get('subject_id')} view {ref.get('view_id')} · keyframe {ref.get('keyframe')} "
              f"(frame {ref.get('frame_index')})")]
@@ -517,7 +522,7 @@ def _caption_section(meta: dict, colors: dict, width: int) -> _Section:
         joined = eid is not None and i + 1 < len(words) and words[i + 1][2] == eid and space
         layout.append((x, y, word, eid, w + (_text_width(" ", font) if joined else 0)))
         x += w + _text_width(" " if space else "", font)
-    legend_y = (y + line_h + 8) if words else y
+    legend_y = (y + line_h + 8) if words else y + line_h  # below "no caption" when there is none
     legend = [e for e in entities if e.get("id") in colors]
     height = legend_y + 22 * ((len(legend) + 2) // 3) + GAP + 4
     image = Image.new("RGB", (width, height), BACKGROUND)

@@ -41,11 +41,11 @@ from pipeline.run.pools import (
 from pipeline.run.progress import RunProgress
 from pipeline.run.worker import limit_threads, named_actor_class, named_task_fn
 from pipeline.sources.inputs import list_inputs, load_metadata, source_records
-from pipeline.store.assemble import SourceAssembly, SourceCollector
+from pipeline.store.assemble import RejectSampler, SourceAssembly, SourceCollector
 from pipeline.store.funnel import Funnel
 from pipeline.store.ledger import SPOOL_DIR, Ledger
 from pipeline.store.outputs import write_outputs, write_summary
-from pipeline.store.shards import ShardSink
+from pipeline.store.shards import RejectsSink, ShardSink
 
 
 def _check_config(out: Path, config: RunConfig) -> None:
@@ -370,7 +370,9 @@ def _commit_stream(stream, total: int, out: Path, config: RunConfig, ledger: Led
     """Group finished records by source and commit each whole source through the shard writer. `observe` sees
     each record's meta as it arrives (the balancer's cost meter)."""
     sink = ShardSink(out, config.output, ledger, state)
-    collector = SourceCollector(out / SPOOL_DIR, config.hash())
+    rejects = RejectsSink(out, config.output, ledger, state)
+    sampler = RejectSampler(config.output.rejects_per_reason, state.rejects)
+    collector = SourceCollector(out / SPOOL_DIR, config.hash(), sampler if sampler.per_reason else None)
     seen_ids = set(state.sources)
     counts = {"sources": 0, "clips": 0, "samples": 0, "video_s": 0.0}
     refresher = SummaryRefresher(out, ledger, run_id, total, counts, config.ray.summary_every_s, stage_names)
@@ -385,10 +387,14 @@ def _commit_stream(stream, total: int, out: Path, config: RunConfig, ledger: Led
                 continue
             with refresher.lock:  # the summary thread reads the ledger: never in the middle of a commit
                 entry = _commit_source(assembly, sink, ledger, seen_ids, counts, run_id)
+                if entry:  # examples of its dropped clips (a duplicate source's are not kept)
+                    rejects.add(assembly.rejected, assembly.reject_reasons)
+                assembly.rejected.discard()
             if entry:
                 funnel.add(entry)
             progress.update(task, advance=1, samples=counts["samples"])
     sink.close()
+    rejects.close()
     # Records that never came back (a worker died for good): the source stays uncommitted and the next run
     # redoes it. Say so rather than lose it silently.
     incomplete = [
@@ -398,6 +404,7 @@ def _commit_stream(stream, total: int, out: Path, config: RunConfig, ledger: Led
     ]
     for assembly in collector.incomplete().values():
         assembly.samples.discard()
+        assembly.rejected.discard()
     shutil.rmtree(out / SPOOL_DIR, ignore_errors=True)
     return counts, incomplete
 

@@ -46,7 +46,9 @@ CLIPS_SCHEMA = pa.schema(
         ("message", pa.string()),  # a failure's message (dropped clips have none: the reason is the decision)
         ("start_s", pa.float64()),
         ("end_s", pa.float64()),
-        ("shard", pa.string()),  # where a kept clip's sample is
+        # where its sample is: the training shard of a kept clip, or the rejects shard of a dropped clip kept as an
+        # example (`s2v shards show OUT KEY` draws either)
+        ("shard", pa.string()),
     ]
 )
 
@@ -93,8 +95,9 @@ def source_rows(state: LedgerState, transient_errors: list[dict] | None = None) 
 def clip_rows(state: LedgerState) -> list[dict]:
     """One row per planned clip of the committed sources, in key order (see CLIPS_SCHEMA)."""
     rows = []
+    rejects = state.reject_shards()
     for entry in state.sources.values():
-        shards = {s["key"]: s.get("shard") for s in entry.get("samples") or []}
+        shards = {**rejects, **{s["key"]: s.get("shard") for s in entry.get("samples") or []}}
         messages = {e["key"]: e.get("message") for e in entry.get("errors") or [] if e.get("key")}
         for clip in entry.get("clips") or []:
             rows.append({
@@ -121,6 +124,7 @@ def why(state: LedgerState, query: str) -> list[str]:
             else:
                 where = f"{row['status']} at {row['stage']}: {row['reason']}"
                 where += f" ({row['message']})" if row["message"] else ""
+                where += f"; an example is kept in {row['shard']}" if row["shard"] else ""
             lines.append(f"clip {row['key']} of {row['source']}{_span(row)}: {where}")
     if lines:
         return lines

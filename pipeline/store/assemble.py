@@ -51,9 +51,11 @@ def manifest_row(record: Record) -> dict:
 
 
 def sample_metadata(record: Record, config_hash: str) -> dict:
-    """KEY.json: everything known about the clip, plus provenance (backends, versions, config hash)."""
+    """KEY.json: everything known about the clip, plus provenance (backends, versions, config hash). A dropped
+    clip kept as an example (rejects/) also says where and why it was dropped (`drop`)."""
     meta = record.meta
     return {
+        **({"drop": record.drop} if record.drop else {}),
         "key": record.key,
         "clip_id": meta["clip_id"],
         # mtime is a fact about a file on one machine, not about the clip: keep it out of the sample.
@@ -145,13 +147,42 @@ def _padded(size: int) -> int:
     return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
+class RejectSampler:
+    """Which dropped clips to keep as examples: the first `per_reason` to arrive of each stage/reason, counting those
+    already committed (so a resumed run tops up, never repeats a key). Arrival order decides, so which examples are
+    kept may differ between two runs of the same inputs; the counts do not."""
+
+    def __init__(self, per_reason: int, committed: dict[str, dict] | None = None):
+        self.per_reason = per_reason
+        self.counts: Counter = Counter()
+        self.keys: set[str] = set()
+        for entry in (committed or {}).values():
+            self.counts.update(entry.get("reasons", {}).values())
+            self.keys.update(entry.get("keys", []))
+
+    def take(self, record: Record) -> str | None:
+        """The "stage/reason" to file a dropped clip under, when it is kept as an example; else None."""
+        if not record.drop or "mp4" not in record.blobs or record.key in self.keys:
+            return None
+        reason = f"{record.drop['stage']}/{record.drop['reason']}"
+        if self.counts[reason] >= self.per_reason:
+            return None
+        self.counts[reason] += 1
+        self.keys.add(record.key)
+        return reason
+
+
 class SourceAssembly:
     """One source taking shape on the driver as its records arrive in any order: each record is reduced at once to
-    its small ledger parts and, when kept, its encoded sample (spooled to disk); the record itself is let go."""
+    its small ledger parts and, when kept, its encoded sample (spooled to disk); the record itself is let go. A
+    dropped clip the sampler picks is spooled too, apart, for the rejects shards."""
 
-    def __init__(self, spool: Path, config_hash: str):
+    def __init__(self, spool: Path, config_hash: str, rejects: RejectSampler | None = None):
         self.config_hash = config_hash
         self.samples = SpooledSamples(spool)
+        self.rejected = SpooledSamples(spool.with_name(spool.stem + "-rejects.tar"))
+        self.reject_reasons: dict[str, str] = {}
+        self._sampler = rejects
         self._parts: dict[str, dict] = {}  # key -> what the record adds to the ledger entry
         self._source: dict | None = None
         self.planned = -1
@@ -181,6 +212,9 @@ class SourceAssembly:
             if status == "kept":
                 part["row"] = manifest_row(record)
                 self.samples.add(sample_files(record, self.config_hash))
+            elif status == "dropped" and self._sampler is not None and (reason := self._sampler.take(record)):
+                self.rejected.add(sample_files(record, self.config_hash))
+                self.reject_reasons[record.key] = reason
         self._parts[record.key] = part
 
     @property
@@ -233,9 +267,10 @@ class SourceCollector:
     """Groups records arriving in any order by source, and hands back a source's assembly once all of it has
     arrived. Kept clips are spooled under `spool_dir` as they come, so memory does not grow with a source."""
 
-    def __init__(self, spool_dir: Path, config_hash: str):
+    def __init__(self, spool_dir: Path, config_hash: str, rejects: RejectSampler | None = None):
         self.spool_dir = Path(spool_dir)
         self.config_hash = config_hash
+        self.rejects = rejects
         self._open: dict[str, SourceAssembly] = {}
         self._made = 0
 
@@ -244,7 +279,7 @@ class SourceCollector:
         if assembly is None:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
             self._made += 1
-            assembly = SourceAssembly(self.spool_dir / f"{self._made:08d}.tar", self.config_hash)
+            assembly = SourceAssembly(self.spool_dir / f"{self._made:08d}.tar", self.config_hash, self.rejects)
             self._open[record.source_path] = assembly
         assembly.add(record)
         # A source record was never expanded into clips (rejected, dropped or without clips): it is whole.

@@ -9,6 +9,9 @@ A shard and the sources it completes commit in one line, so no crash can leave a
 sample whose source the next run would redo.
   {"type": "duplicate", "path", "source_id", ...}   -- a file whose content an earlier source already had
   {"type": "input_error", "source", "reason", ...}  -- an input pattern that matched nothing
+  {"type": "rejects", "shard": "rejects/rejects-000000.tar", "keys": [...], "reasons": {key: "stage/reason"}}
+                                                      -- examples of dropped clips (output.rejects_per_reason); never
+                                                         training data, not in index.json
   {"type": "run", ...}                                -- one per finished run: wall time and throughput
   {"type": "cross", "own_digest", "shards": [...], "samples": [...], ...}
                                                       -- the cross-pair set (pipeline/postpass/cross_pairs.py); the last
@@ -30,6 +33,7 @@ from pipeline.core.names import shard_path
 
 LEDGER_NAME = "ledger.jsonl"
 SHARD_DIR = "shards"
+REJECTS_DIR = "rejects"  # examples of dropped clips, apart from the training shards
 # Kept samples of sources still arriving (pipeline/store/assemble.py): scratch, never part of the output.
 SPOOL_DIR = ".spool"
 
@@ -43,6 +47,11 @@ class LedgerState:
     input_errors: dict[tuple[str, str], dict] = field(default_factory=dict)  # (pattern, reason) -> entry
     # the last "cross" entry: the current cross-pair shards (pipeline/postpass/cross_pairs.py)
     cross: dict | None = None
+    rejects: dict[str, dict] = field(default_factory=dict)  # rejects shard path -> entry
+
+    def reject_shards(self) -> dict[str, str]:
+        """Key of each kept example of a dropped clip -> its rejects shard."""
+        return {key: shard for shard, e in self.rejects.items() for key in e["keys"]}
 
     def cross_shards(self) -> set[str]:
         """Shard paths (relative to OUT) of the current cross-pair set."""
@@ -84,6 +93,8 @@ class Ledger:
                 state.runs.append(entry)
             elif kind == "cross":
                 state.cross = entry
+            elif kind == "rejects":
+                state.rejects[entry["shard"]] = entry
         return state
 
     def append(self, entry: dict) -> None:
@@ -119,6 +130,11 @@ class Ledger:
             for path in shard_dir.iterdir():
                 rel = f"{SHARD_DIR}/{path.name}"
                 if rel not in state.shards and rel not in cross:
+                    path.unlink()
+        reject_dir = self.out_dir / REJECTS_DIR
+        if reject_dir.is_dir():  # a rejects shard is committed by its own line, after it was renamed
+            for path in reject_dir.iterdir():
+                if f"{REJECTS_DIR}/{path.name}" not in state.rejects:
                     path.unlink()
         shutil.rmtree(self.out_dir / SPOOL_DIR, ignore_errors=True)  # sources a crash left half-arrived
         if orphaned or self._has_torn_line():

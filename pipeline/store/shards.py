@@ -21,7 +21,7 @@ import webdataset as wds
 from pipeline.core.config import OutputConfig
 from pipeline.core.files import file_sha256
 from pipeline.core.names import split_member
-from pipeline.store.ledger import SHARD_DIR, Ledger, LedgerState
+from pipeline.store.ledger import REJECTS_DIR, SHARD_DIR, Ledger, LedgerState
 
 TMP_SUFFIX = ".tmp"
 
@@ -46,14 +46,15 @@ class ShardWriter:
     "bytes", "sha256"} with the keys it holds. Tar headers carry mtime 0, so the same samples give the same bytes."""
 
     def __init__(self, out_dir: str | Path, prefix: str, cfg: OutputConfig, start: int,
-                 on_shard: Callable[[dict, list[str]], None]):
+                 on_shard: Callable[[dict, list[str]], None], directory: str = SHARD_DIR):
         self.out_dir = Path(out_dir)
         self.cfg = cfg
         self.on_shard = on_shard
-        (self.out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        (self.out_dir / directory).mkdir(parents=True, exist_ok=True)
         self._keys: list[str] = []
         self._writer = wds.ShardWriter(
-            str(self.out_dir / SHARD_DIR / f"{prefix}-%06d.tar{TMP_SUFFIX}"),
+            str(self.out_dir / directory / f"{prefix}-%06d.tar{TMP_SUFFIX}"),
             maxcount=cfg.shard_max_samples,
             maxsize=cfg.shard_max_mb * 1e6,
             post=self._finish,
@@ -74,7 +75,7 @@ class ShardWriter:
         """Write one sample ({"__key__", ext: bytes}); returns the shard it goes into, relative to the output."""
         self._writer.write(sample)
         self._keys.append(sample["__key__"])
-        return _relname(self._writer.fname)
+        return _relname(self._writer.fname, self.directory)
 
     def _finish(self, tmp_path: str) -> None:
         keys, self._keys = self._keys, []
@@ -82,15 +83,15 @@ class ShardWriter:
             os.unlink(tmp_path)
             return
         final = publish_shard(tmp_path)
-        self.on_shard({"shard": _relname(tmp_path), "nsamples": len(keys), "bytes": os.path.getsize(final),
-                       "sha256": file_sha256(final)}, keys)
+        self.on_shard({"shard": _relname(tmp_path, self.directory), "nsamples": len(keys),
+                       "bytes": os.path.getsize(final), "sha256": file_sha256(final)}, keys)
 
     def close(self) -> None:
         self._writer.close()
 
 
-def _relname(tmp_path: str) -> str:
-    return f"{SHARD_DIR}/{Path(tmp_path).name[: -len(TMP_SUFFIX)]}"
+def _relname(tmp_path: str, directory: str = SHARD_DIR) -> str:
+    return f"{directory}/{Path(tmp_path).name[: -len(TMP_SUFFIX)]}"
 
 
 class ShardSink:
@@ -131,6 +132,34 @@ class ShardSink:
         self.ledger.append({"type": "shard", **shard, "keys": keys, "sources": self._pending_sources})
         self._pending_sources = []
         self.shards_written += 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class RejectsSink:
+    """Examples of dropped clips into `rejects/rejects-NNNNNN.tar`, each shard committed by a "rejects" ledger line
+    naming its keys and their stage/reason. Not training data: index.json never lists them."""
+
+    def __init__(self, out_dir: str | Path, cfg: OutputConfig, ledger: Ledger, state: LedgerState):
+        self.out_dir, self.cfg, self.ledger = Path(out_dir), cfg, ledger
+        self._start = max((shard_number(n) + 1 for n in state.rejects), default=0)
+        self._writer: ShardWriter | None = None
+        self._reasons: dict[str, str] = {}
+
+    def add(self, samples: Iterable[dict], reasons: dict[str, str]) -> None:
+        for sample in samples:
+            if self._writer is None:
+                self._writer = ShardWriter(self.out_dir, "rejects", self.cfg, self._start, self._commit,
+                                           directory=REJECTS_DIR)
+            self._reasons[sample["__key__"]] = reasons[sample["__key__"]]
+            self._writer.write(sample)
+
+    def _commit(self, shard: dict, keys: list[str]) -> None:
+        self.ledger.append({"type": "rejects", **shard, "keys": keys,
+                            "reasons": {k: self._reasons.pop(k) for k in keys}})
 
     def close(self) -> None:
         if self._writer is not None:
