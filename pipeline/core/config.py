@@ -503,8 +503,9 @@ class RunConfig(_Section):
         """Hash of everything that shapes the samples: not where inputs come from, where or how wide Ray runs,
         nor how samples are packed into shards, so a resume may move to a bigger cluster."""
         # cross_pairs too: the cross set is rebuilt from the committed samples whenever its settings change.
-        exclude: dict = {"input": True, "ray": True, "output": {"shard_max_samples", "shard_max_mb"},
-                         "cross_pairs": True}
+        # rejects_per_reason: how many examples of dropped clips are kept aside does not change a sample either.
+        exclude: dict = {"input": True, "ray": True,
+                         "output": {"shard_max_samples", "shard_max_mb", "rejects_per_reason"}, "cross_pairs": True}
         for name, field in type(self).model_fields.items():
             if isinstance(field.annotation, type) and "resources" in getattr(field.annotation, "model_fields", {}):
                 exclude[name] = {"resources"}

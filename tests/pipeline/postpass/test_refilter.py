@@ -137,3 +137,28 @@ def test_cli_refilter(curated_out, tmp_path):
     bad = CliRunner().invoke(main, ["curate", "refilter", str(curated_out), "--output", str(tmp_path / "x"),
                                     "--set", "shots.backend=transnetv2"])
     assert bad.exit_code == 2 and "filters.* thresholds only" in bad.output
+
+
+def test_views_attributes_and_tracks_are_re_decided():
+    """A subject with two views (d0, d1) and a top region (d2): d1 becomes too small, so its view goes and the
+    rest stay; then a stricter track filter takes the subject, and the clip with it."""
+    refs = [{"file": f"ref{k}.png", "mask": f"mask{k}.png", "variant": "crop", "subject_id": 0, "view_id": v,
+             "detection": f"d{k}", "attribute": a} for k, v, a in ((0, 0, None), (1, 1, None), (2, 0, "top"))]
+    track = {"presence": 0.75, "longest_run_s": 2.0}
+    meta = {
+        "stats": {"quality": {"brightness_mean": 120.0, "sharpness_median": 300.0}},
+        "detections": [_detection(0, "e0", 0.3), _detection(1, "e0", 0.02), {**_detection(2, "e0", 0.1),
+                                                                               "part": "top"}],
+        "entities": [{"id": "e0", "kind": "subject", "group": "g0", "instances": ["d0", "d1"],
+                      "reference": {"detection": "d0", "keyframe": 0}, "subject_id": 0, "view_id": 0,
+                      "views": [{"view_id": 0, "detection": "d0"}, {"view_id": 1, "detection": "d1"}],
+                      "track": track, "references": refs}],
+    }
+    config = build_config({}, ["filters.instances.min_area=0.05"])
+    assert _refilter_meta(meta, config) is None
+    entity = meta["entities"][0]
+    assert [v["detection"] for v in entity["views"]] == ["d0"]
+    assert [(r["detection"], r["attribute"]) for r in entity["references"]] == [("d0", None), ("d2", "top")]
+    strict = build_config({}, ["filters.instances.min_area=0.05", "filters.tracks.min_presence=0.8"])
+    assert _refilter_meta(meta, strict) == ("track_filter", "subject_absent")
+    assert entity["track_rejected"] == "rarely_present" and "references" not in entity
