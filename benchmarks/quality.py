@@ -15,7 +15,7 @@ captions, as a user's own footage usually comes. Measured:
 
 The baseline is the recipe as it was before people, views, attribute references and tracking (grounding.saliency
 .people/attributes off, references.max_views 1, tracking off), run in the same invocation on the same inputs, so
-the ratios say what those changes bought. Prints one JSON line.
+the gains (after - before) say what those changes bought. Prints one JSON line.
 
     python benchmarks/quality.py [--models models] [--keep DIR]
 """
@@ -214,8 +214,10 @@ def main() -> None:
         seconds = run_recipe(videos, out, Path(args.models), overrides)
         result[name] = {**subject_scores(out, labels, ids), "wall_s": round(seconds, 1)}
     after, before = result["after"], result["before"]
-    for key in ("recall", "recall_any_person", "samples"):
-        result[f"{key}_vs_before"] = ratio(after[key] or 0, before[key]) if before[key] else None
+    # Gains, not ratios: the baseline's recall is often 0 on captionless footage (it had no way to find anyone).
+    for key in ("recall", "recall_any_person"):
+        result[f"{key}_gain"] = round((after[key] or 0.0) - (before[key] or 0.0), 4)
+    result["samples_gain"] = after["samples"] - before["samples"]
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))

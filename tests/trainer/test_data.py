@@ -101,7 +101,7 @@ def test_reads_the_pipelines_shards(curated_out):
             meta = metas[key]
             assert batch["caption"][i] == meta["caption"]["text"]
             got = ids_of(batch, i)
-            assert got == expected_refs(meta) and len(got) == 2  # the real run: one reference and the plate
+            assert got == expected_refs(meta) and len(got) >= 2  # the real run: its references and the plate
             word = next(e["word"] for e in meta["entities"] if e.get("subject_id") == 0)
             assert batch["subject_words"][i][0].split(", ")[0] == word
 
