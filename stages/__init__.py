@@ -73,6 +73,13 @@ def _segmentation_needs(config: RunConfig) -> list[Need]:
     return needs
 
 
+def _saliency_substitute(config: RunConfig) -> str:
+    s = config.grounding.saliency
+    return ("U2-Net-p salient regions bound to entities by rule (instead of Grounding DINO: no open-vocabulary "
+            "labels)" + ("; people from dlib faces, 'person' subjects where no caption word names them" if s.people
+                         else "") + ("; attribute regions by face geometry" if s.attributes else ""))
+
+
 def _metrics_substitute(config: RunConfig) -> str | None:
     if config.clip_score.model is None or config.metrics.background_measure == "hsv":
         return "background decoupling by HSV histogram correlation (instead of CLIP)"
@@ -111,8 +118,7 @@ FLOW: list[Row] = [
         off=lambda c: [] if _grounded(c) else ["grounding"]),
     Row("grounding", "stages.saliency_grounding:SaliencyGrounder",
         when=lambda c: _grounded(c) and c.grounding.backend == "saliency",
-        substitute=lambda c: "U2-Net-p salient regions bound to entities by rule (instead of Grounding DINO: no "
-        "open-vocabulary labels)" if _grounded(c) and c.grounding.backend == "saliency" else None),
+        substitute=lambda c: _saliency_substitute(c) if _grounded(c) and c.grounding.backend == "saliency" else None),
     Row("segmentation", "stages.segmentation:Segmenter", when=lambda c: _grounded(c) and c.segmentation.enabled(),
         needs=_segmentation_needs,
         substitute=lambda c: "MobileSAM real weights (instead of SAM ViT-H)"

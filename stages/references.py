@@ -35,6 +35,7 @@ from pipeline.core.stage import Stage
 VARIANTS = ("crop", "segment", "inpaint", "redux")
 UNAVAILABLE = {"redux": "redux.model and redux.base_model are not set"}
 PENDING = ("inpaint", "redux")  # variants a later stage makes from the cut crop
+MIN_ATTRIBUTE_SHARE = 0.05  # an attribute whose mask inside its person covers less of its crop is not cut
 
 
 def draw_variant(ratio: dict[str, float], rng, unavailable=UNAVAILABLE) -> tuple[str, str]:
@@ -90,14 +91,17 @@ class ReferenceCutter(Stage):
                           {"view_id": view["view_id"], "why": view.get("why"), "attribute": None, "tag": None})
             if cfg.attributes and entity.get("kind") == "subject":
                 for part, index_and_detection in attribute_regions(entity, detections).items():
+                    person = person_on(entity, detections, index_and_detection[1]["keyframe"])
                     self._one(record, references, index_and_detection, entity, f"{entity['id']}:{part}",
                               {"view_id": 0, "why": f"{part} region ({index_and_detection[1].get('phrase')})",
-                               "attribute": part, "tag": index_and_detection[1]["label"]})
+                               "attribute": part, "tag": index_and_detection[1]["label"]}, within=person)
         record.meta["references"] = references
 
     def _one(self, record: Record, references: list[dict], index_and_detection: tuple[int, dict], entity: dict,
-             salt: str, extra: dict) -> None:
-        """Cut one reference from a detection and append its entry (the module docstring's fields)."""
+             salt: str, extra: dict, within: int | None = None) -> None:
+        """Cut one reference from a detection and append its entry (the module docstring's fields). `within`: the
+        index of a detection whose mask bounds this one's (an attribute lies inside its person: SAM prompted with a
+        loose box around a collar may take the wall behind it); a reference left with almost no mask is not cut."""
         cfg = self.config.references
         index, detection = index_and_detection
         keyframes, masks = record.blobs["keyframes"], record.blobs.get("masks")
@@ -112,6 +116,10 @@ class ReferenceCutter(Stage):
             mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
             bx0, by0, bx1, by1 = detection["box"]
             mask[max(by0 - y0, 0) : by1 - y0, max(bx0 - x0, 0) : bx1 - x0] = 1
+        if within is not None and masks is not None and len(masks) > within:
+            mask = mask & masks[within][y0:y1, x0:x1].astype(np.uint8)
+            if mask.sum() < MIN_ATTRIBUTE_SHARE * mask.size:
+                return
         crop = np.ascontiguousarray(frame[y0:y1, x0:x1])
         requested, variant = draw_variant(cfg.ratio, clip_rng(cfg.seed, record.key, salt), self.unavailable)
         n = len(references)
@@ -146,6 +154,15 @@ class ReferenceCutter(Stage):
             "group": entity.get("group"),
             **extra,
         })
+
+
+def person_on(entity: dict, detections: dict[str, tuple[int, dict]], keyframe: int) -> int | None:
+    """Index of the entity's own (whole-subject) valid instance on `keyframe`, preferring its clique's."""
+    instances = set(entity.get("instances") or [])
+    own = [(d["id"] not in instances, -(d.get("score") or 0.0), i) for i, d in detections.values()
+           if d.get("entity") == entity["id"] and not d.get("part") and d["keyframe"] == keyframe
+           and d.get("valid", True)]
+    return min(own)[2] if own else None
 
 
 def attribute_regions(entity: dict, detections: dict[str, tuple[int, dict]]) -> dict[str, tuple[int, dict]]:

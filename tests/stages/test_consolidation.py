@@ -182,3 +182,9 @@ def test_attribute_regions_become_references_in_the_subjects_group():
     if reference_frame in (0, 2):  # a top region exists on the reference keyframe: that one is cut
         assert attributes["top"]["keyframe"] == reference_frame
     assert not any(r["attribute"] for r in record.meta["references"] if r["entity"] == "e1")  # an object
+    # The part masks cover the whole frame; the cut mask is bounded by the cat's own mask on that keyframe.
+    top = attributes["top"]
+    x0, y0, x1, y1 = top["box"]
+    person = record.blobs["masks"][2 * top["keyframe"]][y0:y1, x0:x1]
+    mask = record.blobs[f"refmask{top['k']}"]
+    assert mask.any() and not (mask & (1 - person)).any()
