@@ -310,3 +310,10 @@ def test_views_and_attribute_references_keep_their_subjects_group_and_views():
     # T - 1 + delta(4) = 6 for the subject: view 0, its attribute (view 0, later), view 1 at 6, 7, 8; the object at
     # 8 + 4 = 12.
     assert [t for t, _, _ in ts] == [6, 8, 7, 12]
+    # LumosX's self-attention mask: the subject's view and attribute tokens see each other, not the object's.
+    from trainer.positions import lumosx_masks
+
+    mask, _ = lumosx_masks((1, 1, 1), [(1, 1)] * 4, [r.subject for r in refs], kinds, groups,
+                           torch.zeros(2, 3, dtype=torch.bool))
+    refs_block = mask[1:, 1:]  # token 0 is the one video token
+    assert refs_block[:3, :3].all() and not refs_block[:3, 3].any() and not refs_block[3, :3].any()
