@@ -45,11 +45,12 @@ def test_model_stages_compose_on_ray(tiny_model_dirs, demo_corpus, tmp_path):
     flow = summary["last_run"]["flow"]
     assert flow["stages"] == ["probe", "shot_cut", "clip_extract", "quality_stats", "quality_filter", "caption",
                               "entities", "grounding", "segmentation", "faces", "clip_score", "instance_stats",
-                              "instance_filter", "consolidation", "references", "inpainting", "metrics"]
+                              "instance_filter", "consolidation", "tracking", "track_filter", "references",
+                              "inpainting", "metrics"]
     assert flow["off"] == ["references.redux", "metrics.dino_i"]
     assert set(flow["substitutes"]) == {"entities", "faces", "inpainting"}
     removed = {reason for step in summary["funnel"] for reason in step["removed"]}
-    assert removed <= {"too_dark", "blurry", "no_valid_entity"}, summary["funnel"]
+    assert removed <= {"too_dark", "blurry", "no_valid_entity", "subject_absent"}, summary["funnel"]
     index = json.loads((out / "index.json").read_text())
     samples = list(wds.WebDataset([str(out / e["url"]) for e in index["shardlist"]], shardshuffle=False))
     assert samples and len(samples) == summary["samples"]
