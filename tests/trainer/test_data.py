@@ -78,12 +78,14 @@ def expected_refs(meta: dict, background: bool = True) -> list[tuple[int, int, i
         for ref in e.get("references", []):
             if e["kind"] == "subject":
                 group = int(ref["group"][1:])
-            else:
-                objects.append(e["id"])
-                group = n_groups + len(objects) - 1
+            else:  # one group per object entity, whatever its number of views
+                if e["id"] not in objects:
+                    objects.append(e["id"])
+                group = n_groups + objects.index(e["id"])
             refs.append((ref["subject_id"], ref["view_id"], group, 0 if e["kind"] == "subject" else 1))
+    slots = max((ref[0] for ref in refs), default=-1) + 1  # the plate takes the slot after the entities'
     if background and meta["background"]:
-        refs.append((len(refs), 0, n_groups + len(objects), 2))
+        refs.append((slots, 0, n_groups + len(objects), 2))
     return refs
 
 
