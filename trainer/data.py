@@ -77,7 +77,9 @@ class DataConfig(BaseModel):
     frame_stride: int = 2  # source frames between sampled frames; lowered for clips too short for it
     clip_offset: Literal["random", "start", "center"] = "random"  # where the sampled window starts
     ref_size: tuple[int, int] | None = None  # (height, width) refs are letterboxed into; None: the bucket's
-    max_refs: int = 4  # K: references kept per sample (entity order, then the background plate)
+    # K: references kept per sample: each entity's first view, then further views, then attribute crops (kept in
+    # entity order), then the background plate when there is room
+    max_refs: int = 4
     pad_to_max_refs: bool = False  # False: K is the batch's largest reference count (0 when none has one)
     background_ref: bool = True  # KEY.bg.png as a kind-2 reference after the entity references
     batch_size: int = 2
@@ -227,7 +229,7 @@ def plan_references(meta: dict, members: set[str], cfg: DataConfig) -> tuple[lis
         words[int(e["subject_id"])] = WORD_SEP.join(dict.fromkeys(p for p in phrases if p))
     n_groups = max((int(str(e["group"])[1:]) + 1 for e in entities if e.get("group")), default=0)
     object_groups: dict[str, int] = {}
-    refs = []
+    refs, ranks = [], []
     for e in entities:
         for ref in e.get("references") or []:
             if not isinstance(ref["file"], str) or not _REF_MEMBER.fullmatch(ref["file"]):
@@ -240,7 +242,10 @@ def plan_references(meta: dict, members: set[str], cfg: DataConfig) -> tuple[lis
             else:
                 group = object_groups.setdefault(e["id"], n_groups + len(object_groups))
             refs.append(RefPlan(ref["file"], int(ref["subject_id"]), int(ref.get("view_id") or 0), group, kind))
-    refs = refs[: cfg.max_refs]
+            # What max_refs keeps first: every entity's first view, then further views, then attribute crops.
+            ranks.append((2 if ref.get("attribute") else int(bool(ref.get("view_id"))), len(ranks)))
+    keep = {i for _, i in sorted(ranks)[: cfg.max_refs]}
+    refs = [r for i, r in enumerate(refs) if i in keep]  # in entity order, as the position schemes expect
     if cfg.background_ref and "bg.png" in members and len(refs) < cfg.max_refs:
         background = [e.get("word", "") for e in entities if e.get("kind") == "background"]
         words.append(WORD_SEP.join(w for w in background if w))

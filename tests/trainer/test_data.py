@@ -319,3 +319,20 @@ def test_views_and_attribute_references_keep_their_subjects_group_and_views():
                            torch.zeros(2, 3, dtype=torch.bool))
     refs_block = mask[1:, 1:]  # token 0 is the one video token
     assert refs_block[:3, :3].all() and not refs_block[:3, 3].any() and not refs_block[3, :3].any()
+
+
+def test_max_refs_keeps_every_entitys_first_view_before_more_views_and_attributes():
+    from trainer.data import plan_references
+
+    def ref(k, entity, subject, view, attribute=None):
+        return {"file": f"ref{k}.png", "entity": entity, "subject_id": subject, "view_id": view, "group": "g0",
+                "attribute": attribute}
+
+    meta = {"entities": [
+        {"id": "e0", "kind": "subject", "word": "person", "group": "g0", "subject_id": 0,
+         "references": [ref(0, "e0", 0, 0), ref(1, "e0", 0, 1), ref(2, "e0", 0, 0, "top"), ref(3, "e0", 0, 2)]},
+        {"id": "e1", "kind": "object", "word": "car", "subject_id": 1, "references": [ref(4, "e1", 1, 0)]},
+    ]}
+    refs, _ = plan_references(meta, {f"ref{k}.png" for k in range(5)}, DataConfig(shards="x", max_refs=3,
+                                                                                    background_ref=False))
+    assert [r.member for r in refs] == ["ref0.png", "ref1.png", "ref4.png"]  # the car's only view is not cut off
