@@ -15,8 +15,10 @@ A post-pass over the committed own samples, run after every streaming pass (and 
    A base is used once; one without references, or none of whose references can be replaced, is skipped.
 4. Per reference of a base: `same_identity` when another clip holds the same face (the partner is drawn among the
    references it matches directly, preferring other sources: a chain A~B~C never pairs A with a C it does not
-   match itself); else `composite`: the base's own subject pasted onto the clean background plate (bg.png) of a
-   sample of another source, one plate per cross sample.
+   match itself; the views of one entity draw different partners while there are any, so a subject's views in a
+   cross sample are several references of that identity from other clips (MV-S2V)); else `composite`: the base's
+   own subject pasted onto the clean background plate (bg.png) of a sample of another source, one plate per cross
+   sample.
 5. Commit: `shards/cross-NNNNNN.tar` written under `.tmp` names and renamed, then ONE ledger line
    `{"type": "cross", ...}`. The last cross line is the current set; the shards of the one it supersedes are deleted
    after it commits, and `Ledger.recover` deletes cross shards that no current line names. The line carries a digest
@@ -327,11 +329,15 @@ def plan_cross_pairs(samples: list[OwnSample], embeddings: dict[str, np.ndarray]
         replacements: list[Replacement] = []
         donor: int | None = None
         donor_drawn = False
+        used: dict[str, set[int]] = {}  # entity -> partner rows its views took: each view a different reference
         for ri, ref in enumerate(base.references):
             row = row_of.get((si, ri))
             if row is not None and partners[row]:
-                other_source = [p for p in partners[row] if samples[where[p[0]][0]].source_id != base.source_id]
-                j, similarity = rng.choice(other_source or partners[row])
+                taken = used.setdefault(ref.get("entity"), set())
+                fresh = [p for p in partners[row] if p[0] not in taken] or partners[row]
+                other_source = [p for p in fresh if samples[where[p[0]][0]].source_id != base.source_id]
+                j, similarity = rng.choice(other_source or fresh)
+                taken.add(j)
                 replacements.append(Replacement(ref, "same_identity", partner=where[j], similarity=similarity,
                                                 identity=identity[row]))
                 continue
@@ -458,8 +464,10 @@ def _build_sample(out: Path, samples: list[OwnSample], plan: CrossPlan, embeddin
             sample[ref["file"]] = read_member(out, psample, pref["file"])
             sample[ref["mask"]] = read_member(out, psample, pref["mask"])
             entry = {**pref, "file": ref["file"], "mask": ref["mask"]}
-            for name in ("entity", "subject_id", "view_id", "group"):
+            for name in ("entity", "subject_id", "view_id", "group", "attribute", "tag"):
                 entry[name] = ref.get(name)
+            entry["why"] = (f"view {ref.get('view_id')} of the same identity from {psample.key} "
+                            f"(face cosine {rep.similarity:.2f})")
             entry["cross"] = {"kind": "same_identity", "from_key": psample.key, "from_file": pref["file"],
                               "identity": rep.identity, "similarity": round(rep.similarity, 4)}
         else:

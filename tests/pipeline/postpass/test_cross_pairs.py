@@ -438,3 +438,30 @@ def test_a_replaced_reference_loses_its_metrics_but_its_face_is_measured_again(t
         assert metrics["summary"].get("background_similarity_mean") == (0.9 if kept else None)
         assert metrics["flags"] == sorted({k for r in metrics["references"] for k, v in r.items() if v is True})
     assert seen["same_identity"] > 0 and seen["composite"] > 0
+
+
+def test_the_views_of_one_subject_draw_different_references_of_that_identity():
+    """A's subject has two views; B and C (other sources) each hold one reference of the same face: in A's cross
+    sample the two views come from two different references, not the same one twice."""
+    from pipeline.core.config import CrossPairsConfig
+    from pipeline.postpass.cross_pairs import OwnSample, plan_cross_pairs
+
+    face = np.zeros(128, np.float32)
+    face[0] = 1.0
+
+    def sample(key, source, views):
+        refs = [{"file": f"ref{v}.png", "mask": f"mask{v}.png", "entity": "e0", "detection": f"d{v}", "view_id": v}
+                for v in range(views)]
+        faces = [{"detection": f"d{v}"} for v in range(views)]
+        return OwnSample(key, "shards/train-000000.tar", f"clip-{key}", source, {"json": (0, 0), "bg.png": (0, 0)},
+                         refs, faces)
+
+    samples = [sample("a", "s1", 2), sample("b", "s2", 1), sample("c", "s3", 1)]
+    embeddings = {s.key: np.stack([face] * len(s.references)) for s in samples}
+    for seed in range(20):
+        cfg = CrossPairsConfig(share=0.75, seed=seed, min_face_similarity=0.5)
+        plans, _ = plan_cross_pairs(samples, embeddings, cfg)
+        for plan in plans:
+            if plan.base == 0:
+                partners = [r.partner for r in plan.replacements if r.kind == "same_identity"]
+                assert len(partners) == 2 and partners[0] != partners[1], partners
