@@ -84,3 +84,32 @@ def test_tables_are_written_and_why_answers_in_one_line(tmp_path):
     assert missing.exit_code == 1 and "not in" in missing.output
     stats = CliRunner().invoke(main, ["shards", "stats", str(tmp_path)])
     assert "Inputs: 6" in stats.output and "/in/empty.mp4" in stats.output
+
+
+def test_rejects_shards_commit_by_their_own_line_and_debris_is_removed(tmp_path):
+    from pipeline.core.config import OutputConfig
+    from pipeline.core.record import Record
+    from pipeline.store.assemble import RejectSampler
+    from pipeline.store.shards import RejectsSink, read_shard_samples
+
+    ledger = Ledger(tmp_path)
+    sink = RejectsSink(tmp_path, OutputConfig(shard_max_samples=1), ledger, ledger.read())
+    samples = [{"__key__": f"k{i}", "json": b"{}", "mp4": b"v"} for i in range(3)]
+    sink.add(samples, {"k0": "quality_filter/too_dark", "k1": "quality_filter/too_dark", "k2": "consolidation/x"})
+    sink.close()
+    (tmp_path / "rejects" / "rejects-000009.tar.tmp").write_bytes(b"half")
+    (tmp_path / "rejects" / "stray.tar").write_bytes(b"not ours")
+    state = ledger.recover()
+    assert sorted(p.name for p in (tmp_path / "rejects").iterdir()) == [
+        "rejects-000000.tar", "rejects-000001.tar", "rejects-000002.tar"]
+    assert state.reject_shards()["k2"] == "rejects/rejects-000002.tar"
+    assert read_shard_samples(tmp_path / "rejects" / "rejects-000001.tar")["k1"]["mp4"] == b"v"
+    # A resumed run tops the counts up from the committed ones and never keeps a committed key again.
+    sampler = RejectSampler(2, state.rejects)
+    dark = Record(kind="clip", source_path="x", key="k3", drop={"stage": "quality_filter", "reason": "too_dark"})
+    again = Record(kind="clip", source_path="x", key="k2", drop={"stage": "consolidation", "reason": "x"})
+    other = Record(kind="clip", source_path="x", key="k4", drop={"stage": "consolidation", "reason": "x"})
+    for record in (dark, again, other):
+        record.put_bytes("mp4", b"v")
+    assert sampler.take(dark) is None and sampler.take(again) is None
+    assert sampler.take(other) == "consolidation/x"
