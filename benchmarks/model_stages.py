@@ -1,7 +1,7 @@
 """Items/s of each model stage on this machine's CPU: the offline real-weight backends (dlib faces, taxonomy
-entities, U2-Net-p saliency grounding, MobileSAM segmentation) and tiny random-init models of the production
-classes (Qwen2.5-VL, Grounding DINO, SAM, open_clip), which measure the stage's own overhead around the model,
-not production model speed.
+entities, U2-Net-p saliency grounding, MobileSAM segmentation, tracking by face and by appearance) and tiny
+random-init models of the production classes (Qwen2.5-VL, Grounding DINO, SAM, open_clip), which measure the
+stage's own overhead around the model, not production model speed.
 
 Each stage runs through `run_stage` on clip records made from real photos (3 keyframes of 640x360 per clip).
 Prints one JSON object on its last line: {"<stage>": {"items_per_s", "items", "model"}, ...}.
@@ -108,6 +108,25 @@ def main():
         rate = measure(Segmenter, ["segmentation.backend=mobile_sam"], fresh, args.batch)
         results["segmentation_mobile_sam"] = {"items_per_s": round(rate, 2), "items": args.clips,
                                               "model": "MobileSAM vit_t, real weights (9 boxes)"}
+        # Tracking needs a real clip: a 4 s 640x360 mp4 of a photo moving on a lawn, followed by face (the
+        # astronaut: dlib on 8 sampled frames) and by appearance (the cat: template matching).
+        from pipeline.models.faces import load_face_backend
+        from pipeline.testing.clips import CAT, leaving_clip
+        from stages.tracking import SubjectTracker
+
+        faces = load_face_backend(build_config().faces)
+        for name, photo, box, by_face in (("tracking_face", data.astronaut(), [200, 40, 440, 330], True),
+                                          ("tracking_appearance", data.chelsea(), CAT, False)):
+            fresh = [leaving_clip(photo, box, key=f"k{i}") for i in range(args.clips)]
+            if by_face:
+                for record in fresh:
+                    found = faces.detect(np.ascontiguousarray(record.blobs["keyframes"][0]))
+                    record.meta["entities"][0]["kind"] = "subject"
+                    record.meta["faces"] = [{"keyframe": 0, "detection": "d0", "score": found[0].score}]
+                    record.blobs["face_embeddings"] = found[0].embedding[None]
+            rate = measure(SubjectTracker, [], fresh, args.batch)
+            results[name] = {"items_per_s": round(rate, 2), "items": args.clips,
+                             "model": "4 s clip, 8 frames: " + ("dlib faces" if by_face else "template matching")}
     print(json.dumps(results))
 
 
