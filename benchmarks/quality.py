@@ -134,7 +134,7 @@ def subject_scores(out: Path, labels: dict, ids: dict) -> dict:
     parts = {row["key"]: read_shard_samples(out / row["shard"], {row["key"]})[row["key"]] for row in manifest}
     metas = {key: json.loads(sample["json"]) for key, sample in parts.items()}
     usable = anyone = usable_hit = anyone_hit = 0
-    samples = correct = checked = person_samples = 0
+    right_samples = correct = checked = person_samples = 0
     views, attributes, subjects = [], [], 0
     for clip in clips:
         video = video_of[clip["key"]]
@@ -151,7 +151,6 @@ def subject_scores(out: Path, labels: dict, ids: dict) -> dict:
         if not people:
             continue
         person_samples += 1
-        samples += 1
         identity = ids.get((video, span[2])) if span is not None else None
         faces = meta.get("faces") or []
         npy = parts[clip["key"]].get("faces.npy")
@@ -171,10 +170,10 @@ def subject_scores(out: Path, labels: dict, ids: dict) -> dict:
                 match = float(np.dot(embeddings[row], identity)) >= IDENTITY_COSINE
                 correct += match
                 sample_ok = sample_ok and match
-        samples -= not sample_ok
+        right_samples += sample_ok
     return {
         "recall": ratio(usable_hit, usable), "recall_any_person": ratio(anyone_hit, anyone),
-        "precision": ratio(samples, person_samples), "clips_with_usable_face": usable,
+        "precision": ratio(right_samples, person_samples), "clips_with_usable_face": usable,
         "clips_with_a_person": anyone, "samples_with_a_person": person_samples,
         "references_correct": ratio(correct, checked), "references_checked": checked,
         "views_per_subject": round(float(np.mean(views)), 3) if views else None,

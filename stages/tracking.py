@@ -33,6 +33,7 @@ from pipeline.core.video import VideoError, read_frames
 
 SCALES = (0.8, 1.0, 1.25)
 MIN_TEMPLATE_PX = 8
+# What consolidation gives an entity with an identity: an entity that loses its reference loses these too.
 REFERENCE_FIELDS = ("instances", "reference", "subject_id", "view_id", "views")
 
 

@@ -37,7 +37,7 @@ from pipeline.store.outputs import write_outputs
 from pipeline.store.shards import ShardSink, read_shard_samples, sample_json
 from stages.instances import decide_instances
 from stages.quality import quality_decision
-from stages.tracking import apply_track_decisions
+from stages.tracking import REFERENCE_FIELDS, apply_track_decisions
 
 REFILTERABLE = "filters."
 
@@ -82,7 +82,7 @@ def _refilter_meta(meta: dict, config: RunConfig) -> tuple[str, str] | None:
                 entity["references"] = [r for r in entity["references"]
                                         if r.get("detection") is None or r["detection"] in valid]
             continue
-        for field in ("instances", "reference", "subject_id", "view_id", "views", "references"):
+        for field in (*REFERENCE_FIELDS, "references"):
             entity.pop(field, None)
     if not any("reference" in e for e in meta.get("entities", [])):
         return "consolidation", "no_valid_entity"
