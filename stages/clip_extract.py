@@ -117,7 +117,7 @@ class ClipExtractor(FanOutStage):
         opened: dict[int, _OpenClip] = {}
         index = -1
         try:
-            for index, frame in enumerate(iter_frames(source.source_path, size=size)):
+            for index, frame in enumerate(iter_frames(source.local_path, size=size)):
                 while waiting and plans[waiting[0]][0] <= index:
                     i = waiting.pop(0)
                     opened[i] = _OpenClip(unfinished[i], plans[i], size, fps_out, cfg)

@@ -26,7 +26,7 @@ class Prober(Stage):
         limits = self.config.limits
         for record in records:
             try:
-                record.source_id = content_id(record.source_path)
+                record.source_id = content_id(record.local_path)
             except OSError as exc:
                 record.source_id = path_id(record.source_path)
                 record.fail(self.name, "unreadable", f"{record.source_path}: cannot read ({exc.strerror})")
@@ -35,7 +35,7 @@ class Prober(Stage):
                 record.source_id = path_id(record.source_path)
             record.key = record.source_id[:16]
             try:
-                info = probe(record.source_path)
+                info = probe(record.local_path, name=record.source_path)
             except VideoError as exc:
                 record.fail(self.name, exc.reason, exc.message)
                 continue

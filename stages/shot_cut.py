@@ -164,7 +164,7 @@ class ShotCutter(Stage):
         cfg = self.config.shots
         for record in records:
             info = record.meta["source"]["probe"]
-            cuts, decoded, error = self.detect(record.source_path, info["fps"], info["width"], info["height"])
+            cuts, decoded, error = self.detect(record.local_path, info["fps"], info["width"], info["height"])
             if error is not None:
                 # A damaged file: the frames before the damage are still good footage, so keep them.
                 record.warn(self.name, error.message)

@@ -59,6 +59,8 @@ class InputConfig(_Section):
     paths: list[str] = Field(default_factory=list, description="files, directories or glob patterns")
     metadata: str | None = Field(None, description="JSONL with per-video captions: {video, caption?, shots?}")
     extensions: list[str] = Field(default_factory=lambda: [".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"])
+    scratch_dir: str | None = Field(None, description="where a worker downloads an input from object storage while "
+                                    "it decodes it (one at a time per decode worker; null = the system temp dir)")
 
 
 class LimitsConfig(_Section):

@@ -55,13 +55,18 @@ def split_member(name: str, where: str = "") -> tuple[str, str]:
                          f"part (no path separators, no '..'); refusing it") from None
 
 
-def shard_path(out_dir: str | Path, rel: str) -> Path:
-    """`out_dir / rel` for a shard path as index.json, the ledger and the manifest write it (`shards/NAME.tar`, or
-    `rejects/NAME.tar` for the examples of dropped clips)."""
+def check_shard(rel: str, where: str | Path = "") -> str:
+    """`rel` if it is a shard path as index.json, the ledger and the manifest write it (`shards/NAME.tar`, or
+    `rejects/NAME.tar` for the examples of dropped clips), else UnsafeName."""
     if not isinstance(rel, str) or not _SHARD.fullmatch(rel):
-        raise UnsafeName(f"{out_dir}: shard path {rel!r} is not shards/NAME.tar or rejects/NAME.tar; refusing to "
+        raise UnsafeName(f"{where}: shard path {rel!r} is not shards/NAME.tar or rejects/NAME.tar; refusing to "
                          "open it")
-    return Path(out_dir) / rel
+    return rel
+
+
+def shard_path(out_dir: str | Path, rel: str) -> Path:
+    """`out_dir / rel` for a checked shard path (`check_shard`) in a POSIX output directory."""
+    return Path(out_dir) / check_shard(rel, out_dir)
 
 
 PERSON = "person"

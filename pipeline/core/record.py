@@ -45,6 +45,12 @@ class Record:
     blobs: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
+    def local_path(self) -> str:
+        """Where the stages that decode a source open it: the input itself, or a worker's scratch copy of an input
+        in object storage (pipeline/run/worker.py `local_sources`). `source_path` stays the input's name."""
+        return self.meta.get("local_path") or self.source_path
+
+    @property
     def alive(self) -> bool:
         return not self.errors and self.drop is None
 

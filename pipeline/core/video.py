@@ -50,10 +50,12 @@ class ProbeInfo:
 
 def probe(path: str | BinaryIO, name: str | None = None) -> ProbeInfo:
     """Read container/stream facts and decode the first frame (proving the file is a decodable video). `path` may
-    be an open binary file (a clip read from a shard); `name` then says what it is in errors."""
+    be an open binary file (a clip read from a shard); `name` says what it is in errors (an input in object storage
+    is probed from a local copy: errors name the input, not the copy)."""
     source = path
     if isinstance(source, str):
         size = os.path.getsize(source)
+        path = name or path
     else:
         size = source.seek(0, os.SEEK_END)
         source.seek(0)

@@ -56,8 +56,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.config import ConfigError, CrossPairsConfig, RunConfig, config_face_thresholds, face_thresholds
-from pipeline.core.names import CROSS_PREFIX, KEY_SUFFIX, shard_path
-from pipeline.store.ledger import Ledger, LedgerState, own_sample_shards
+from pipeline.core.names import CROSS_PREFIX, KEY_SUFFIX, check_shard
+from pipeline.core.storage import Storage
+from pipeline.store.ledger import Ledger, LedgerState, as_storage, own_sample_shards
 from pipeline.store.shards import ShardWriter, image_png, iter_members, mask_png, sample_json, shard_number
 from stages.metrics import entity_face_cosine, face_cosine, face_flags, face_row, with_references
 
@@ -144,14 +145,14 @@ def own_digest(keys, cfg: CrossPairsConfig) -> str:
     return digest.hexdigest()
 
 
-def read_member(out: Path, sample: OwnSample, ext: str) -> bytes:
+def read_member(out: Storage, sample: OwnSample, ext: str) -> bytes:
     offset, size = sample.members[ext]
-    with open(shard_path(out, sample.shard), "rb") as f:
+    with out.open_read(check_shard(sample.shard, out)) as f:
         f.seek(offset)
         return f.read(size)
 
 
-def index_own_samples(out: Path, state: LedgerState
+def index_own_samples(out: Storage, state: LedgerState
                       ) -> tuple[list[OwnSample], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The committed own samples in key order, each one's face embeddings (faces.npy) and detection crop
     embeddings (dclip.npy), from the shards' tar headers plus their json/npy members; nothing else is read."""
@@ -160,7 +161,7 @@ def index_own_samples(out: Path, state: LedgerState
     embeddings: dict[str, np.ndarray] = {}
     crops: dict[str, np.ndarray] = {}
     for shard in sorted(set(own.values())):
-        for key, ext, member, read in iter_members(shard_path(out, shard), shard):
+        for key, ext, member, read in iter_members((out, check_shard(shard, out)), shard):
             if own.get(key) != shard:
                 continue
             sample = samples.get(key)
@@ -443,8 +444,8 @@ def cross_metrics(metrics: dict, plan: CrossPlan, samples: list[OwnSample], new_
     return {**with_references(metrics, references), "replaced": sorted(replaced)}
 
 
-def _build_sample(out: Path, samples: list[OwnSample], plan: CrossPlan, embeddings: dict[str, np.ndarray] | None = None,
-                  thresholds: dict[str, float] | None = None) -> dict:
+def _build_sample(out: Storage, samples: list[OwnSample], plan: CrossPlan,
+                  embeddings: dict[str, np.ndarray] | None = None, thresholds: dict[str, float] | None = None) -> dict:
     base = samples[plan.base]
     meta = json.loads(read_member(out, base, "json"))
     sample: dict = {"__key__": cross_key(base.key)}
@@ -508,7 +509,7 @@ def build_cross_pairs(out_dir: str | Path, config: RunConfig, ledger: Ledger, st
     otherwise the new ledger entry without its per-sample rows (see `cross_summary`). `state` must be the
     committed state after `ledger.recover()`; its `cross` is updated in place."""
     cfg = config.cross_pairs
-    out = Path(out_dir)
+    out = as_storage(out_dir)
     if config.output.split == CROSS_PREFIX:
         raise ConfigError(f"output.split '{CROSS_PREFIX}' clashes with the cross-pair shards "
                           f"({CROSS_PREFIX}-NNNNNN.tar); choose another split name")
@@ -517,7 +518,7 @@ def build_cross_pairs(out_dir: str | Path, config: RunConfig, ledger: Ledger, st
     digest = own_digest(own, cfg)
     current = state.cross
     if (current and current.get("own_digest") == digest
-            and all(shard_path(out, s["shard"]).is_file() for s in current["shards"])):
+            and all(out.info(check_shard(s["shard"], out)) is not None for s in current["shards"])):
         return None
 
     if cfg.share > 0:
@@ -565,7 +566,7 @@ def build_cross_pairs(out_dir: str | Path, config: RunConfig, ledger: Ledger, st
     names = {s["shard"] for s in shards}
     for old in superseded:
         if old["shard"] not in names:
-            shard_path(out, old["shard"]).unlink(missing_ok=True)
+            out.delete(check_shard(old["shard"], out))
     result = {k: v for k, v in entry.items() if k != "samples"}
     if console is not None:
         note = f" ({info['note']})" if info.get("note") else f" ({info['reason']})" if info.get("reason") else ""

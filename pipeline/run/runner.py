@@ -1,16 +1,16 @@
 """The job runner: list inputs, skip committed sources, stream records through the stages on Ray Data, and
-commit finished sources into shards from the driver.
+commit finished sources.
 
 Consecutive stateless stages run together in one Ray task (so a source is decoded and cut without moving data
-between processes); model stages run in actor pools so their model loads once per actor. The driver only groups
-finished records by source and writes shards, which is cheap next to decoding.
+between processes); model stages run in actor pools so their model loads once per actor. The last group writes each
+finished sample to the output's staging area where it ran; the driver receives a small digest per record, groups
+whole sources into shards that tasks on the worker nodes assemble, and commits them (pipeline/store/shards.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -26,6 +26,7 @@ from pipeline import __version__
 from pipeline.core.config import ConfigError, RunConfig
 from pipeline.core.record import Record, table_to_records
 from pipeline.core.stage import FanOutStage, Stage, run_stages
+from pipeline.core.storage import Storage, open_storage
 from pipeline.postpass.cross_pairs import build_cross_pairs
 from pipeline.run.pools import (
     CostMeter,
@@ -39,20 +40,19 @@ from pipeline.run.pools import (
     cpu_scale,
 )
 from pipeline.run.progress import RunProgress
-from pipeline.run.worker import limit_threads, named_actor_class, named_task_fn
-from pipeline.sources.inputs import list_inputs, load_metadata, source_records
-from pipeline.store.assemble import RejectSampler, SourceAssembly, SourceCollector
+from pipeline.run.worker import limit_threads, local_sources, named_actor_class, named_task_fn
+from pipeline.sources.inputs import iter_inputs, load_metadata, source_records
+from pipeline.store.assemble import RejectSampler, SampleStager, SourceAssembly, SourceCollector
 from pipeline.store.funnel import Funnel
-from pipeline.store.ledger import SPOOL_DIR, Ledger
+from pipeline.store.ledger import STAGING_DIR, Ledger
 from pipeline.store.outputs import write_outputs, write_summary
-from pipeline.store.shards import RejectsSink, ShardSink
+from pipeline.store.shards import InlineTasks, ShardAssembler, assemble_shard, shard_number
 
 
-def _check_config(out: Path, config: RunConfig) -> None:
+def _check_config(out: Storage, config: RunConfig) -> None:
     """Refuse to mix samples made under different settings in one output directory."""
-    saved = out / "config.yaml"
-    if saved.exists():
-        previous = (yaml.safe_load(saved.read_text()) or {}).get("config_hash")
+    if out.info("config.yaml") is not None:
+        previous = (yaml.safe_load(out.read_text("config.yaml")) or {}).get("config_hash")
         if previous and previous != config.hash():
             raise ConfigError(
                 f"{out} was curated with a different config (hash {previous}, this run {config.hash()}). "
@@ -61,9 +61,9 @@ def _check_config(out: Path, config: RunConfig) -> None:
             )
 
 
-def _save_config(out: Path, config: RunConfig) -> None:
+def _save_config(out: Storage, config: RunConfig) -> None:
     body = {"config_hash": config.hash(), "pipeline_version": __version__, **config.model_dump(mode="json")}
-    (out / "config.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
+    out.write_text("config.yaml", yaml.safe_dump(body, sort_keys=False))
 
 
 def connect_ray(config: RunConfig) -> bool:
@@ -88,9 +88,39 @@ def connect_ray(config: RunConfig) -> bool:
     return True
 
 
-def _file_identity(path: str) -> tuple[str, int, int]:
-    stat = os.stat(path)
-    return path, stat.st_size, stat.st_mtime_ns
+class RayTasks:
+    """Shard assembly as Ray tasks on the nodes that run stages, round-robin: they reserve no CPU (they copy bytes;
+    the stages keep their CPUs), and a node without CPUs (the head in ray_cluster.yaml) gets none. Soft affinity: a
+    task whose node died runs elsewhere; Ray retries one that failed (a lost node, a refused request)."""
+
+    def __init__(self):
+        import ray
+
+        self._remote = ray.remote(num_cpus=0, max_retries=3, retry_exceptions=True)(assemble_shard)
+        self._nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
+        self._turn = 0
+
+    def submit(self, fn, *args):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        assert fn is assemble_shard
+        options = {}
+        if self._nodes:
+            node = self._nodes[self._turn % len(self._nodes)]
+            self._turn += 1
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+        return self._remote.options(**options).remote(*args)
+
+    def ready(self, handles: list, wait: bool = False) -> list:
+        import ray
+
+        done, _ = ray.wait(handles, num_returns=len(handles), timeout=None if wait else 0, fetch_local=True)
+        return done
+
+    def result(self, handle):
+        import ray
+
+        return ray.get(handle)
 
 
 def fuse(stages: list[Stage]) -> list[list[Stage]]:
@@ -153,10 +183,12 @@ def group_name(group: list[Stage]) -> str:
 
 
 def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig,
-                  reservations: PoolReservations | None = None, balancer: PoolBalancer | None = None):
+                  reservations: PoolReservations | None = None, balancer: PoolBalancer | None = None,
+                  finish: tuple | None = None):
     """The Ray Data plan: one block per source in, one map_batches per stage group with its resources, and one
     block per clip from the fan-out on. Model pools start at `balancer`'s sizes (a fresh one when not given) and
-    their first actors run in placement groups from `reservations` when given."""
+    their first actors run in placement groups from `reservations` when given. `finish` (output URI, run id, config
+    hash, rejects per reason) makes the last group stage finished samples (pipeline.store.assemble.SampleStager)."""
     import ray
 
     config_json = config.model_dump_json()
@@ -179,6 +211,7 @@ def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig,
     ds = ray.data.from_items([r.to_row() for r in records], override_num_blocks=max(1, len(records)))
     for previous, group in zip([None, *groups], groups):
         classes = [type(s) for s in group]
+        last = finish if group is groups[-1] else None
         res = [s.resources for s in group]
         kwargs = {
             "batch_size": res[0].batch_size,
@@ -201,7 +234,7 @@ def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig,
             with _remote_args_deprecated():
                 ds = ds.map_batches(
                     named_actor_class(classes),
-                    fn_constructor_args=(classes, config_json),
+                    fn_constructor_args=(classes, config_json, last),
                     # The pool starts at its warm-up size, all of it at once: each actor loads its model once.
                     # Left to Ray Data's own autoscaling, the segmentation pool shrank before its first clip arrived
                     # and grew back one model load at a time; the balancer resizes it by measured cost instead.
@@ -218,7 +251,8 @@ def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig,
             kwargs["num_cpus"] *= balancer.cpu_scale
             with _remote_args_deprecated():
                 ds = ds.map_batches(
-                    named_task_fn(classes), fn_kwargs={"stage_classes": classes, "config_json": config_json},
+                    named_task_fn(classes),
+                    fn_kwargs={"stage_classes": classes, "config_json": config_json, "finish": last},
                     compute=ray.data.TaskPoolStrategy(size=max(1, int(balancer.capacity.get("CPU", 1)))),
                     max_calls=config.ray.recycle_after, **kwargs,  # a fresh worker process after this many batches
                 )
@@ -235,37 +269,46 @@ def _remote_args_deprecated():
         yield
 
 
-def run_sequential(records: list[Record], stages: list[Stage], timeout_s: float | None = None):
-    """The same flow in this process, one record at a time, on one core (for benchmarks and debugging)."""
+def run_sequential(records: list[Record], stages: list[Stage], timeout_s: float | None = None,
+                   finish: tuple | None = None, scratch: str | None = None):
+    """The same flow in this process, one record at a time, on one core (for benchmarks and debugging); with
+    `finish`, finished samples are staged as the last Ray group would."""
     for stage in stages:
         stage.setup()
     limit_threads(1)
+    stager = SampleStager(*finish) if finish else None
     for record in records:
-        for batch in run_stages(stages, [record], timeout_s):
-            yield from batch
+        with local_sources([record], stages, scratch):
+            for batch in run_stages(stages, [record], timeout_s):
+                yield from (stager.finish(r) for r in batch) if stager else batch
 
 
 def curate(config: RunConfig, out_dir: str | Path, console: Console | None = None, sequential: bool = False) -> dict:
-    """Run one curation job into out_dir (resuming it if it exists). Returns the summary."""
+    """Run one curation job into out_dir (a path or an s3:// / gs:// URI; resuming it if it exists). Returns the
+    summary."""
     from stages import build_flow, describe_flow, preflight
 
     console = console or Console(stderr=True)
     started = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_storage(out_dir, "--output")
     _check_config(out, config)
     preflight(config)
-    paths, input_errors = list_inputs(config.input.paths, config.input.extensions)
+    input_errors: list[dict] = []
     metadata = load_metadata(config.input.metadata) if config.input.metadata else {}
-    _save_config(out, config)  # only once the inputs are known to be usable
     ledger = Ledger(out)
     state = ledger.recover()
+    committed = state.committed_files()
+    # The listing streams in pages; only the inputs still to do are kept.
+    listed, todo = 0, []
+    for entry in iter_inputs(config.input.paths, config.input.extensions, input_errors):
+        listed += 1
+        if (entry.uri, entry.size, entry.mtime_ns) not in committed:
+            todo.append(entry)
+    _save_config(out, config)  # only once the inputs are known to be usable
     for problem in input_errors:
         console.print(f"[yellow]warning[/]: {problem['message']} (recorded in errors.parquet)")
         if (problem["source"], problem["reason"]) not in state.input_errors:
             ledger.append({"type": "input_error", **problem})
-    committed = state.committed_files()
-    todo = [p for p in paths if _file_identity(p) not in committed]
     flow = describe_flow(config)
     console.print(f"stages: {' -> '.join(flow['stages'])}")
     for stage, what in flow["substitutes"].items():
@@ -273,18 +316,19 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
     if flow["off"]:
         console.print(f"  off (no model configured): {', '.join(flow['off'])}")
     console.print(
-        f"[bold]s2v curate[/]: {len(paths)} input videos, {len(paths) - len(todo)} already committed, "
-        f"{len(todo)} to process -> {out}"
+        f"[bold]s2v curate[/]: {listed} input videos, {listed - len(todo)} already committed, "
+        f"{len(todo)} to process -> {out.uri}"
     )
     if not todo:
         build_cross_pairs(out, config, ledger, ledger.read(), console)  # a no-op unless its settings changed
         return {**write_outputs(out, ledger.read()), "this_run": None}
 
     # Largest files first: a long video scheduled last would leave the other workers idle at the end.
-    todo.sort(key=lambda p: -os.path.getsize(p))
+    todo.sort(key=lambda e: -e.size)
     records = source_records(todo, metadata)
     stages = [cls(config) for cls in build_flow(config)]
     run_id = uuid.uuid4().hex[:12]
+    finish = (out.uri, run_id, config.hash(), config.output.rejects_per_reason)
     started_ray = False
     def warn(msg: str) -> None:
         console.print(f"[yellow]warning[/]: {msg}")
@@ -294,9 +338,10 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
     profile = StageProfile(config.ray.profile, config.hash(), warn)
     try:
         if sequential:
-            stream, cpus = run_sequential(records, stages, config.ray.stage_timeout_s), 1.0
+            stream, cpus = run_sequential(records, stages, config.ray.stage_timeout_s, finish,
+                                          config.input.scratch_dir), 1.0
             counts, incomplete = _commit_stream(stream, len(records), out, config, ledger, state, run_id, console,
-                                                [s.name for s in stages], meter.observe)
+                                                [s.name for s in stages], meter.observe, InlineTasks())
         else:
             import ray
 
@@ -308,14 +353,14 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
             for name, pool in balancer.pools.items():
                 console.print(f"  pools: {name}: {pool.target} actors to start, up to {pool.ceiling} ({pool.why}; "
                               "resized as costs are measured)")
-            batches = build_dataset(records, stages, config, reservations, balancer).iter_batches(
+            batches = build_dataset(records, stages, config, reservations, balancer, finish).iter_batches(
                 batch_size=None, batch_format="pyarrow")
             stream = (r for batch in batches for r in table_to_records(batch))
             from pipeline.run.ray_hooks import balanced_pools
 
             with balanced_pools(balancer):
                 counts, incomplete = _commit_stream(stream, len(records), out, config, ledger, state, run_id,
-                                                    console, [s.name for s in stages], meter.observe)
+                                                    console, [s.name for s in stages], meter.observe, RayTasks())
     finally:
         reservations.close()
         if started_ray:
@@ -365,67 +410,91 @@ def _warn_memory(balancer: PoolBalancer, console: Console, peaks: dict[str, floa
                           f"{declared / 2**30:.2f} GiB declared; {fix}")
 
 
-def _commit_stream(stream, total: int, out: Path, config: RunConfig, ledger: Ledger, state, run_id: str,
-                   console: Console, stage_names: list[str], observe) -> tuple[dict, list[dict]]:
-    """Group finished records by source and commit each whole source through the shard writer. `observe` sees
-    each record's meta as it arrives (the balancer's cost meter)."""
-    sink = ShardSink(out, config.output, ledger, state)
-    rejects = RejectsSink(out, config.output, ledger, state)
+# Ledger lines of sources without samples (and of duplicates) are committed in batches of this many, or with the
+# next shard commit: on an object store each commit is one object. Losing a batch to a crash only redoes its sources.
+LOOSE_BATCH = 64
+
+
+def _commit_stream(stream, total: int, out: Storage, config: RunConfig, ledger: Ledger, state, run_id: str,
+                   console: Console, stage_names: list[str], observe, tasks) -> tuple[dict, list[dict]]:
+    """Group the digests of finished records by source; each whole source goes to the shard assembler (its
+    samples are already staged by the workers), which has shards written by `tasks` and commits them. `observe`
+    sees each record's meta as it arrives (the balancer's cost meter)."""
+    failed: list[dict] = []
+
+    def on_failure(sources: list[dict], exc: Exception) -> None:
+        for entry in sources:
+            failed.append({"source": entry["path"], "stage": "runner", "reason": "shard_write_failed",
+                           "message": f"its shard could not be written ({exc}); rerun to retry"})
+        console.print(f"[yellow]warning[/]: a shard could not be written ({exc}); its {len(sources)} sources stay "
+                      "uncommitted and the next run redoes them")
+
+    shards = ShardAssembler(out, config.output, ledger, max((shard_number(n) + 1 for n in state.shards), default=0),
+                            tasks, on_failure=on_failure)
+    rejects = ShardAssembler(out, config.output, ledger, max((shard_number(n) + 1 for n in state.rejects), default=0),
+                             tasks, kind="rejects")
     sampler = RejectSampler(config.output.rejects_per_reason, state.rejects)
-    collector = SourceCollector(out / SPOOL_DIR, config.hash(), sampler if sampler.per_reason else None)
+    collector = SourceCollector(sampler if sampler.per_reason else None)
     seen_ids = set(state.sources)
+    loose: list[dict] = []
     counts = {"sources": 0, "clips": 0, "samples": 0, "video_s": 0.0}
     refresher = SummaryRefresher(out, ledger, run_id, total, counts, config.ray.summary_every_s, stage_names)
     funnel = Funnel()
     progress = RunProgress(funnel, stage_names, console, disable=not config.ray.progress)
+
+    def commit(wait: bool = False) -> None:
+        with refresher.lock:  # the summary thread reads the ledger: never in the middle of a commit
+            committed = shards.poll(wait) + rejects.poll(wait)
+            if loose and (committed or len(loose) >= LOOSE_BATCH or wait):
+                ledger.append_many(loose)
+                loose.clear()
+
     with progress, refresher:
         task = progress.add_task("curate", total=total, samples=0)
         for record in stream:
             observe(record.meta)
             assembly = collector.add(record)
-            if assembly is None:
-                continue
-            with refresher.lock:  # the summary thread reads the ledger: never in the middle of a commit
-                entry = _commit_source(assembly, sink, ledger, seen_ids, counts, run_id)
+            if assembly is not None:
+                entry = _commit_source(assembly, shards, loose, seen_ids, counts, run_id)
                 if entry:  # examples of its dropped clips (a duplicate source's are not kept)
-                    rejects.add(assembly.rejected, assembly.reject_reasons)
-                assembly.rejected.discard()
-            if entry:
-                funnel.add(entry)
-            progress.update(task, advance=1, samples=counts["samples"])
-    sink.close()
-    rejects.close()
+                    rejects.add_source(None, assembly.staged_rejects(), assembly.reject_reasons)
+                    funnel.add(entry)
+                progress.update(task, advance=1, samples=counts["samples"])
+            commit()
+        shards.dispatch()
+        rejects.dispatch()
+        commit(wait=True)
     # Records that never came back (a worker died for good): the source stays uncommitted and the next run
     # redoes it. Say so rather than lose it silently.
     incomplete = [
         {"source": path, "stage": "runner", "reason": "incomplete",
          "message": f"{assembly.arrived} of {assembly.planned} clips came back; rerun to retry"}
         for path, assembly in collector.incomplete().items()
-    ]
-    for assembly in collector.incomplete().values():
-        assembly.samples.discard()
-        assembly.rejected.discard()
-    shutil.rmtree(out / SPOOL_DIR, ignore_errors=True)
+    ] + failed
+    # Samples staged for sources that never committed (incomplete, duplicates, examples not kept): scratch.
+    out.delete_tree(f"{STAGING_DIR}/{run_id}")
     return counts, incomplete
 
 
-def _commit_source(assembly: SourceAssembly, sink: ShardSink, ledger: Ledger, seen_ids: set, counts: dict,
+def _commit_source(assembly: SourceAssembly, shards: ShardAssembler, loose: list[dict], seen_ids: set, counts: dict,
                    run_id: str) -> dict | None:
-    """Write one whole source; returns its ledger entry (None for a duplicate of a source already curated)."""
-    entry, samples = assembly.entry(run_id), assembly.samples
-    try:
-        if entry["source_id"] in seen_ids:
-            # Same bytes as a source already curated (a copy under another name): never write it twice.
-            ledger.append({"type": "duplicate", "path": entry["path"], "source_id": entry["source_id"],
-                           "size": entry["size"], "mtime_ns": entry["mtime_ns"], "run": run_id})
-            return None
-        seen_ids.add(entry["source_id"])
-        sink.add_source(entry, samples)
-    finally:
-        samples.discard()
+    """Hand one whole source to the shard assembler; returns its ledger entry (None for a duplicate of a source
+    already curated)."""
+    entry = assembly.entry(run_id)
+    if entry["source_id"] in seen_ids:
+        # Same bytes as a source already curated (a copy under another name): never write it twice.
+        loose.append({"type": "duplicate", "path": entry["path"], "source_id": entry["source_id"],
+                      "size": entry["size"], "mtime_ns": entry["mtime_ns"], "run": run_id})
+        return None
+    seen_ids.add(entry["source_id"])
+    staged = assembly.staged_samples()
+    if staged:
+        shards.add_source(entry, staged)
+    else:
+        loose.append(entry)
     counts["sources"] += 1
     counts["clips"] += len(entry["clips"])
-    counts["samples"] += len(samples)
+    counts["samples"] += len(staged)
     counts["video_s"] += entry["duration_s"] or 0.0
     return entry
 

@@ -1,6 +1,10 @@
 """Stage workers: what Ray Data runs. A `StageWorker` builds its stages once per process (a task process or a
 model actor), limits native threads to the CPUs it declared, and runs the stages on each Arrow batch; task
-operators get a named function and model pools a named actor class, so Ray's progress shows the stage names."""
+operators get a named function and model pools a named actor class, so Ray's progress shows the stage names.
+
+Two things happen on the worker that used to happen on the driver: an input in object storage is downloaded to the
+worker's scratch for the stages that decode it (`local_sources`), and the last group writes each finished sample to
+the output's staging area (`SampleStager`) so only a small digest per record travels back to the driver."""
 
 from __future__ import annotations
 
@@ -8,12 +12,49 @@ import os
 import resource
 import sys
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import pyarrow as pa
 
 from pipeline.core.config import RunConfig
 from pipeline.core.record import Record, records_to_table, table_to_records
 from pipeline.core.stage import ABANDONED, Stage, run_stages
+from pipeline.core.storage import is_remote, open_storage, parent
+from pipeline.store.assemble import SampleStager
+
+# Stages that open the source file itself (the rest work on the clips cut from it).
+DECODES_SOURCE = ("probe", "shot_cut", "clip_extract")
+
+
+@contextmanager
+def local_sources(records: list[Record], stages: list[Stage], scratch: str | None) -> Iterator[None]:
+    """For the block: each source record whose input is in object storage gets a local copy in `scratch`, which the
+    decoding stages open (`Record.local_path`); the copies are deleted when the block ends, so a worker holds at most
+    its current batch's inputs. A download that fails fails the record (probe/unreadable); the job goes on."""
+    if not any(s.name in DECODES_SOURCE for s in stages):
+        yield
+        return
+    with ExitStack() as stack:
+        copies = {}
+        for record in records:
+            if record.kind != "source" or not is_remote(record.source_path) or not record.alive:
+                continue
+            uri = record.source_path
+            try:
+                store = open_storage(parent(uri))
+                local = stack.enter_context(store.local_copy(uri.rsplit("/", 1)[1], scratch))
+            except OSError as exc:
+                record.fail("probe", "unreadable", f"{uri}: cannot download it ({exc})")
+                continue
+            record.meta["local_path"] = copies[uri] = str(local)
+        try:
+            yield
+        finally:
+            for record in records:
+                local = record.meta.pop("local_path", None)
+                if local:  # messages name the input, never the scratch copy
+                    for item in record.errors + record.meta.get("warnings", []):
+                        item["message"] = item["message"].replace(local, record.source_path)
 
 
 def limit_threads(num_cpus: float) -> None:
@@ -38,9 +79,12 @@ class StageWorker:
     # Actor pools only: Ray recycles task workers itself (map_batches' max_calls).
     recycle = False
 
-    def __init__(self, stage_classes: list[type[Stage]], config_json: str):
+    def __init__(self, stage_classes: list[type[Stage]], config_json: str, finish: tuple | None = None):
         config = RunConfig.model_validate_json(config_json)
         self.timeout_s = config.ray.stage_timeout_s
+        self.scratch = config.input.scratch_dir
+        # The flow's last group: (output URI, run id, config hash, rejects per reason) for its SampleStager.
+        self.stager = SampleStager(*finish) if finish else None
         self.recycle_after = config.ray.recycle_after if self.recycle else None
         self.calls = 0
         self.stages = [cls(config) for cls in stage_classes]
@@ -61,13 +105,17 @@ class StageWorker:
         self.calls += 1
         observe = ((lambda stage, records, stopped: self.metrics.count(stage.name, records, stopped))
                    if self.metrics else None)
-        for records in run_stages(self.stages, table_to_records(batch), self.timeout_s, observe):
-            if records:
-                peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-                for record in records:
-                    # The worker's peak so far: the balancer packs pools by it and the run reports it per stage.
-                    record.meta.setdefault("peak_rss_mb", {})[self.group] = round(peak_mb, 1)
-                yield records_to_table(records)
+        records_in = table_to_records(batch)
+        with local_sources(records_in, self.stages, self.scratch):
+            for records in run_stages(self.stages, records_in, self.timeout_s, observe):
+                if records:
+                    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+                    for record in records:
+                        # The worker's peak so far: the balancer packs pools by it and the run reports it per stage.
+                        record.meta.setdefault("peak_rss_mb", {})[self.group] = round(peak_mb, 1)
+                    if self.stager:
+                        records = [self.stager.finish(record) for record in records]
+                    yield records_to_table(records)
 
 
 class StageMetrics:
@@ -103,19 +151,20 @@ class StageMetrics:
 _TASK_WORKERS: dict = {}
 
 
-def run_in_task(batch: pa.Table, stage_classes: list[type[Stage]], config_json: str) -> Iterator[pa.Table]:
+def run_in_task(batch: pa.Table, stage_classes: list[type[Stage]], config_json: str,
+                finish: tuple | None = None) -> Iterator[pa.Table]:
     """For stateless stages run as Ray tasks: one StageWorker per process, reused across batches."""
-    key = (tuple(stage_classes), config_json)
+    key = (tuple(stage_classes), config_json, finish)
     if key not in _TASK_WORKERS:
-        _TASK_WORKERS[key] = StageWorker(stage_classes, config_json)
+        _TASK_WORKERS[key] = StageWorker(stage_classes, config_json, finish)
     yield from _TASK_WORKERS[key](batch)
 
 
 def named_task_fn(stage_classes: list[type[Stage]]):
     """A task function named after its stages, so Ray's progress shows `MapBatches(probe+shot_cut+...)`."""
 
-    def fn(batch, stage_classes, config_json):
-        yield from run_in_task(batch, stage_classes, config_json)
+    def fn(batch, stage_classes, config_json, finish=None):
+        yield from run_in_task(batch, stage_classes, config_json, finish)
 
     fn.__name__ = fn.__qualname__ = "+".join(cls.name for cls in stage_classes)
     return fn

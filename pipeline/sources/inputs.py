@@ -2,56 +2,113 @@
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.core.errors import UserFacingError
 from pipeline.core.record import Record
+from pipeline.core.storage import Entry, check_uri, is_remote, join, name, open_storage, parent
 
 
 class InputError(UserFacingError, ValueError):
     """A metadata file that cannot be used; the message names the file and line."""
 
 
-def list_inputs(patterns: list[str], extensions: list[str]) -> tuple[list[str], list[dict]]:
-    """Expand patterns into sorted unique absolute file paths.
+def iter_inputs(patterns: list[str], extensions: list[str], problems: list[dict] | None = None) -> Iterator[Entry]:
+    """Each input file once, as an Entry (its URI or absolute path, size and modification time), as the listings
+    page in: local files, directories and glob patterns, and `s3://` / `gs://` objects, prefixes and patterns.
 
-    Directories are walked recursively for the given extensions; files named explicitly are taken whatever
-    their extension (the user asked for them). Returns (paths, problems) where each problem is an error row for
-    a pattern that matched nothing.
-    """
+    Directories and prefixes are walked recursively for the given extensions; files named explicitly are taken
+    whatever their extension (the user asked for them). A pattern that matches nothing adds an error row to
+    `problems`. Only the URIs already yielded are remembered (to skip one matched twice), never a whole listing."""
     exts = {e.lower() for e in extensions}
-    found: set[str] = set()
-    problems: list[dict] = []
+    seen: set[str] = set()
     for pattern in patterns:
-        expanded = os.path.expanduser(pattern)
-        matches = sorted(glob.glob(expanded, recursive=True)) if glob.has_magic(expanded) else [expanded]
-        if not matches or not any(os.path.exists(m) for m in matches):
-            problems.append(
-                {"source": pattern, "stage": "input", "reason": "not_found",
-                 "message": f"no such file or directory: {pattern}"}
-            )
-            continue
-        for match in matches:
-            if os.path.isdir(match):
-                for root, _dirs, files in os.walk(match):
-                    found.update(os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in exts)
-            elif os.path.isfile(match):
-                found.add(match)
-    return sorted(os.path.abspath(p) for p in found), problems
+        matched = False
+        for entry in _expand(pattern, exts):
+            matched = True
+            if entry.uri not in seen:
+                seen.add(entry.uri)
+                yield entry
+        if not matched and not is_remote(pattern):  # an existing directory without videos is not an error
+            expanded = os.path.expanduser(check_uri(pattern) if pattern.startswith("file://") else pattern)
+            matched = any(os.path.exists(m) for m in (glob.glob(expanded, recursive=True)
+                                                      if glob.has_magic(expanded) else [expanded]))
+        if not matched and problems is not None:
+            problems.append({"source": pattern, "stage": "input", "reason": "not_found",
+                             "message": f"no such file or directory: {pattern}"})
+
+
+def _expand(pattern: str, exts: set[str]) -> Iterator[Entry]:
+    if is_remote(pattern):
+        yield from _expand_remote(pattern, exts)
+        return
+    if pattern.startswith("file://"):
+        pattern = check_uri(pattern)
+    expanded = os.path.expanduser(pattern)
+    matches = sorted(glob.glob(expanded, recursive=True)) if glob.has_magic(expanded) else [expanded]
+    for match in matches:
+        if os.path.isdir(match):
+            for entry in open_storage(match).list():
+                if os.path.splitext(entry.rel)[1].lower() in exts:
+                    yield entry
+        elif os.path.isfile(match):
+            stat = os.stat(match)
+            yield Entry(os.path.basename(match), os.path.abspath(match), stat.st_size, stat.st_mtime_ns)
+
+
+def _expand_remote(pattern: str, exts: set[str]) -> Iterator[Entry]:
+    """An object (`s3://b/v.mp4`), a prefix (`s3://b/videos`: every object below it with one of the extensions) or
+    a pattern (`s3://b/videos/**/*.mp4`: listed from its fixed part, matched with fnmatch, `*` crossing '/')."""
+    uri = check_uri(pattern, "--input")
+    if glob.has_magic(uri):
+        fixed = uri[: min(uri.find(c) for c in "*?[" if c in uri)]
+        base = fixed if fixed.endswith("/") else parent(fixed) + "/"
+        for entry in open_storage(base.rstrip("/"), "--input").list():
+            if fnmatch.fnmatchcase(entry.uri, uri):
+                yield entry
+        return
+    store = open_storage(parent(uri), "--input")
+    single = store.info(name(uri))
+    if single is not None:
+        yield single
+        return
+    for entry in open_storage(uri, "--input").list():
+        if os.path.splitext(entry.rel)[1].lower() in exts:
+            yield entry
+
+
+def list_inputs(patterns: list[str], extensions: list[str]) -> tuple[list[str], list[dict]]:
+    """Sorted unique input paths and the problems of patterns that matched nothing (`iter_inputs`, collected)."""
+    problems: list[dict] = []
+    paths = sorted(entry.uri for entry in iter_inputs(patterns, extensions, problems))
+    return paths, problems
+
+
+def _resolved(path: str, base: str | None = None) -> str:
+    """A video path as metadata and inputs are matched by: a URI as it is, a local path resolved."""
+    if is_remote(path):
+        return path
+    if base is not None and is_remote(base):
+        return join(base, path)
+    return str((Path(base) / path).resolve()) if base is not None else str(Path(path).resolve())
 
 
 def load_metadata(path: str) -> dict[str, dict]:
     """Read a JSONL metadata file: one object per video with `video` (path relative to the file or absolute),
-    and `caption` (whole video) and/or `shots` ([{start_s, end_s, caption}]). Keyed by absolute video path."""
-    base = Path(path).resolve().parent
+    and `caption` (whole video) and/or `shots` ([{start_s, end_s, caption}]). Keyed by absolute video path (or URI:
+    the file may be in object storage, and its relative paths are then relative to its prefix)."""
+    uri = check_uri(path, "--metadata")
+    base = parent(uri) if is_remote(uri) else str(Path(uri).resolve().parent)
     entries: dict[str, dict] = {}
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = open_storage(parent(uri)).read_text(name(uri)).splitlines()
     except OSError as exc:
-        raise InputError(f"metadata file {path}: cannot read it ({exc.strerror})") from None
+        raise InputError(f"metadata file {path}: cannot read it ({exc.strerror or exc})") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -68,7 +125,7 @@ def load_metadata(path: str) -> dict[str, dict]:
                     f"metadata file {path}, line {number}: each shot needs numeric start_s and end_s and a caption "
                     f"string (got {shot!r})"
                 )
-        entries[str((base / entry["video"]).resolve())] = entry
+        entries[_resolved(entry["video"], base)] = entry
     return entries
 
 
@@ -86,21 +143,26 @@ def caption_for_span(entry: dict | None, start_s: float, end_s: float) -> dict |
     return {"text": best, "source": "metadata"} if best else None
 
 
-def source_records(paths: list[str], metadata: dict[str, dict]) -> list[Record]:
-    """One source record per input file; metadata travels with the record so workers need no shared state.
+def source_records(inputs: list[str | Entry], metadata: dict[str, dict]) -> list[Record]:
+    """One source record per input file (a path, or an Entry from `iter_inputs`); metadata travels with the record
+    so workers need no shared state.
 
     Metadata matches a video by its resolved path, else by file name when that name is unique in the metadata
     (so a corpus copied elsewhere keeps its captions)."""
     names: dict[str, list[dict]] = {}
     for key, entry in metadata.items():
-        names.setdefault(Path(key).name, []).append(entry)
+        names.setdefault(name(key), []).append(entry)
     records = []
-    for path in paths:
-        stat = os.stat(path)
+    for item in inputs:
+        if isinstance(item, Entry):
+            path, size, mtime_ns = item.uri, item.size, item.mtime_ns
+        else:
+            stat = os.stat(item)
+            path, size, mtime_ns = item, stat.st_size, stat.st_mtime_ns
         record = Record(kind="source", source_path=path, key="")
-        record.meta["source"] = {"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-        same_name = names.get(Path(path).name, [])
-        entry = metadata.get(str(Path(path).resolve())) or (same_name[0] if len(same_name) == 1 else None)
+        record.meta["source"] = {"path": path, "size": size, "mtime_ns": mtime_ns}
+        same_name = names.get(name(path), [])
+        entry = metadata.get(_resolved(path)) or (same_name[0] if len(same_name) == 1 else None)
         if entry:
             record.meta["input_metadata"] = entry
         records.append(record)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
+import json
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
 from pipeline import __version__
 from pipeline.core.names import path_id
@@ -95,56 +92,82 @@ def reference_counts(meta: dict) -> dict:
     }
 
 
-class SpooledSamples:
-    """A source's encoded samples, kept in a tar on disk until the source commits: the driver holds one sample
-    at a time however many clips a source has. Iterates in key order, whatever order the clips arrived in."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._members: dict[str, list[tuple[str, int, int]]] = {}  # key -> (ext, data offset, size)
-        self._tar: tarfile.TarFile | None = None
-        self.nbytes = 0
-
-    def add(self, sample: dict) -> None:
-        if self._tar is None:
-            self._tar = tarfile.open(self.path, "w")  # noqa: SIM115 - open while the source arrives; closed by __iter__ or discard
-        members = self._members.setdefault(sample["__key__"], [])
-        for ext, data in sample.items():
-            if ext == "__key__":
-                continue
-            info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-            info.size = len(data)
-            self._tar.addfile(info, io.BytesIO(data))
-            # addfile wrote the header and the data, padded to whole blocks: the data ends at the padded offset.
-            members.append((ext, self._tar.offset - _padded(len(data)), len(data)))
-            self.nbytes += len(data)
-
-    def __len__(self) -> int:
-        return len(self._members)
-
-    def __iter__(self) -> Iterator[dict]:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
-        if not self._members:
-            return
-        with open(self.path, "rb") as f:
-            for key in sorted(self._members):
-                sample = {"__key__": key}
-                for ext, offset, size in self._members[key]:
-                    f.seek(offset)
-                    sample[ext] = f.read(size)
-                yield sample
-
-    def discard(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
-        self.path.unlink(missing_ok=True)
+# What the driver may receive per record (the digest below): its ledger parts, never sample bytes. A digest over
+# this is cut down (`bound_digest`) before it leaves the worker.
+DIGEST_MAX_BYTES = 64 * 1024
 
 
-def _padded(size: int) -> int:
-    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+def record_digest(record: Record) -> dict:
+    """What a finished record adds to its source's ledger entry: status, errors, warnings, timings and, for a kept
+    clip, its manifest row. Small by construction (no media, no embeddings); `bound_digest` enforces it."""
+    status, stage, reason = _status(record)
+    src = record.meta.get("source", {})
+    digest = {
+        "kind": record.kind,
+        "key": record.key,
+        "clips_planned": record.clips_planned,
+        "source": {"path": record.source_path, "source_id": record.source_id, "size": src.get("size"),
+                   "mtime_ns": src.get("mtime_ns"), "duration_s": (src.get("probe") or {}).get("duration_s", 0.0)},
+        "errors": [{"source": record.source_path, "key": record.key, **e} for e in record.errors],
+        "warnings": record.meta.get("warnings", []),
+        "timings": record.meta.get("timings", {}),
+        "status": [status, stage, reason],
+        "staged": None,  # {"rel", "bytes"} of a kept clip's sample, written by the worker
+        "reject": None,  # {"reason": "stage/reason", "staged": {...}} of a dropped clip kept as an example
+    }
+    if record.kind == "clip":
+        span = record.meta.get("span") or {}
+        digest["clip"] = {"key": record.key, "status": status, "stage": stage, "reason": reason,
+                          "start_s": span.get("start_s"), "end_s": span.get("end_s"), **reference_counts(record.meta)}
+        if status == "kept":
+            digest["row"] = manifest_row(record)
+    return bound_digest(digest)
+
+
+def bound_digest(digest: dict) -> dict:
+    """The digest within DIGEST_MAX_BYTES: an over-long one keeps its first warnings and errors, with messages cut
+    to 1000 characters (a stage that warns ten thousand times says so in the first few)."""
+    if len(json.dumps(digest)) <= DIGEST_MAX_BYTES:
+        return digest
+    cut = dict(digest)
+    cut["warnings"] = [{**w, "message": str(w.get("message", ""))[:1000]} for w in digest["warnings"][:20]]
+    cut["errors"] = [{**e, "message": str(e.get("message", ""))[:1000]} for e in digest["errors"][:20]]
+    if len(digest["warnings"]) > 20:
+        cut["warnings"].append({"stage": "runner", "message": f"{len(digest['warnings']) - 20} more warnings cut"})
+    if len(json.dumps(cut)) > DIGEST_MAX_BYTES and "row" in cut:
+        cut["row"] = {**cut["row"], "caption": (cut["row"].get("caption") or "")[:4000]}
+    if len(json.dumps(cut)) > DIGEST_MAX_BYTES:  # nothing user-made is left to cut: say what overflowed
+        raise ValueError(f"{digest['key'] or digest['source']['path']}: record digest over {DIGEST_MAX_BYTES} bytes")
+    return cut
+
+
+class SampleStager:
+    """Runs where the last stage ran: writes each kept clip's sample (and a few dropped clips as examples) to the
+    output's staging area, and turns every record into a light one that carries only its digest to the driver."""
+
+    def __init__(self, out_uri: str, run_id: str, config_hash: str, rejects_per_reason: int):
+        self.out_uri, self.run_id, self.config_hash = out_uri, run_id, config_hash
+        self.rejects_per_reason = rejects_per_reason
+        # Examples this process staged per stage/reason: never more than the driver can keep, whatever arrives.
+        self.rejects_staged: Counter = Counter()
+
+    def finish(self, record: Record) -> Record:
+        from pipeline.store.shards import stage_sample
+
+        digest = record_digest(record)
+        if digest.get("row") is not None:
+            digest["staged"] = stage_sample(self.out_uri, self.run_id, sample_files(record, self.config_hash))
+        elif record.kind == "clip" and record.drop and "mp4" in record.blobs and self.rejects_per_reason:
+            reason = f"{record.drop['stage']}/{record.drop['reason']}"
+            if self.rejects_staged[reason] < self.rejects_per_reason:
+                self.rejects_staged[reason] += 1
+                staged = stage_sample(self.out_uri, self.run_id, sample_files(record, self.config_hash))
+                digest["reject"] = {"reason": reason, "staged": staged}
+        light = Record(kind=record.kind, source_path=record.source_path, key=record.key, source_id=record.source_id,
+                       clips_planned=record.clips_planned, errors=record.errors, drop=record.drop)
+        light.meta = {k: record.meta[k] for k in ("cpu_s", "timings", "peak_rss_mb") if k in record.meta}
+        light.meta["digest"] = digest
+        return light
 
 
 class RejectSampler:
@@ -160,62 +183,45 @@ class RejectSampler:
             self.counts.update(entry.get("reasons", {}).values())
             self.keys.update(entry.get("keys", []))
 
-    def take(self, record: Record) -> str | None:
-        """The "stage/reason" to file a dropped clip under, when it is kept as an example; else None."""
-        if not record.drop or "mp4" not in record.blobs or record.key in self.keys:
+    def take(self, digest: dict) -> str | None:
+        """The "stage/reason" to file a staged example under, when it is kept; else None."""
+        reject = digest.get("reject")
+        if not reject or digest["key"] in self.keys:
             return None
-        reason = f"{record.drop['stage']}/{record.drop['reason']}"
+        reason = reject["reason"]
         if self.counts[reason] >= self.per_reason:
             return None
         self.counts[reason] += 1
-        self.keys.add(record.key)
+        self.keys.add(digest["key"])
         return reason
 
 
 class SourceAssembly:
-    """One source taking shape on the driver as its records arrive in any order: each record is reduced at once to
-    its small ledger parts and, when kept, its encoded sample (spooled to disk); the record itself is let go. A
-    dropped clip the sampler picks is spooled too, apart, for the rejects shards."""
+    """One source taking shape on the driver as the digests of its records arrive in any order. Its samples are
+    already written (staged) by the workers: the assembly keeps their names and sizes, never their bytes."""
 
-    def __init__(self, spool: Path, config_hash: str, rejects: RejectSampler | None = None):
-        self.config_hash = config_hash
-        self.samples = SpooledSamples(spool)
-        self.rejected = SpooledSamples(spool.with_name(spool.stem + "-rejects.tar"))
+    def __init__(self, rejects: RejectSampler | None = None):
+        self.staged: dict[str, dict] = {}  # key -> {"rel", "bytes"} of each kept sample
+        self.rejected: dict[str, dict] = {}  # key -> staged example of a dropped clip
         self.reject_reasons: dict[str, str] = {}
         self._sampler = rejects
-        self._parts: dict[str, dict] = {}  # key -> what the record adds to the ledger entry
+        self._parts: dict[str, dict] = {}  # key -> digest
         self._source: dict | None = None
         self.planned = -1
 
     def add(self, record: Record) -> None:
+        digest = record.meta["digest"]
         if record.key in self._parts:
             return  # delivered twice (never expected from Ray Data): the first copy counts
-        self.planned = record.clips_planned
-        if self._source is None or record.kind == "source":
-            src = record.meta.get("source", {})
-            self._source = {"path": record.source_path, "source_id": record.source_id, "size": src.get("size"),
-                            "mtime_ns": src.get("mtime_ns"),
-                            "duration_s": (src.get("probe") or {}).get("duration_s", 0.0)}
-        status, stage, reason = _status(record)
-        part = {
-            "kind": record.kind,
-            "errors": [{"source": record.source_path, "key": record.key, **e} for e in record.errors],
-            "warnings": record.meta.get("warnings", []),
-            "timings": record.meta.get("timings", {}),
-            "status": (status, stage, reason),
-        }
-        if record.kind == "clip":
-            span = record.meta.get("span") or {}
-            part["clip"] = {"key": record.key, "status": status, "stage": stage, "reason": reason,
-                            "start_s": span.get("start_s"), "end_s": span.get("end_s"),
-                            **reference_counts(record.meta)}
-            if status == "kept":
-                part["row"] = manifest_row(record)
-                self.samples.add(sample_files(record, self.config_hash))
-            elif status == "dropped" and self._sampler is not None and (reason := self._sampler.take(record)):
-                self.rejected.add(sample_files(record, self.config_hash))
-                self.reject_reasons[record.key] = reason
-        self._parts[record.key] = part
+        self.planned = digest["clips_planned"]
+        if self._source is None or digest["kind"] == "source":
+            self._source = digest["source"]
+        if digest["staged"]:
+            self.staged[record.key] = digest["staged"]
+        if self._sampler is not None and (reason := self._sampler.take(digest)):
+            self.rejected[record.key] = digest["reject"]["staged"]
+            self.reject_reasons[record.key] = reason
+        self._parts[record.key] = digest
 
     @property
     def arrived(self) -> int:
@@ -224,6 +230,13 @@ class SourceAssembly:
     @property
     def complete(self) -> bool:
         return self.arrived >= self.planned
+
+    def staged_samples(self) -> list[tuple[str, dict]]:
+        """(key, staged) of the kept samples, in key order."""
+        return sorted(self.staged.items())
+
+    def staged_rejects(self) -> list[tuple[str, dict]]:
+        return sorted(self.rejected.items())
 
     def entry(self, run_id: str) -> dict:
         """The ledger entry, built in key order (the order a source's clips were planned in)."""
@@ -259,28 +272,22 @@ class SourceAssembly:
             entry["status"] = "curated"
             entry["clips"].append(part["clip"])
             if "row" in part:
-                entry["samples"].append(part["row"])
+                entry["samples"].append(dict(part["row"]))
         return entry
 
 
 class SourceCollector:
     """Groups records arriving in any order by source, and hands back a source's assembly once all of it has
-    arrived. Kept clips are spooled under `spool_dir` as they come, so memory does not grow with a source."""
+    arrived. Only digests arrive: memory grows with the sources in flight, not with their samples."""
 
-    def __init__(self, spool_dir: Path, config_hash: str, rejects: RejectSampler | None = None):
-        self.spool_dir = Path(spool_dir)
-        self.config_hash = config_hash
+    def __init__(self, rejects: RejectSampler | None = None):
         self.rejects = rejects
         self._open: dict[str, SourceAssembly] = {}
-        self._made = 0
 
     def add(self, record: Record) -> SourceAssembly | None:
         assembly = self._open.get(record.source_path)
         if assembly is None:
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
-            self._made += 1
-            assembly = SourceAssembly(self.spool_dir / f"{self._made:08d}.tar", self.config_hash, self.rejects)
-            self._open[record.source_path] = assembly
+            assembly = self._open[record.source_path] = SourceAssembly(self.rejects)
         assembly.add(record)
         # A source record was never expanded into clips (rejected, dropped or without clips): it is whole.
         if record.kind == "source" or assembly.complete:

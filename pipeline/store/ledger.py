@@ -17,25 +17,35 @@ sample whose source the next run would redo.
                                                       -- the cross-pair set (pipeline/postpass/cross_pairs.py); the last
                                                          one is current and its shards replace every earlier one's
 A source is committed when its entry is in the log. Everything else on disk (temporary shards, shards without
-an entry, shards that hold only samples of uncommitted sources) is debris of an interrupted run and is removed
-by `recover()` before a run starts, so a rerun neither duplicates nor loses a sample.
+an entry, shards that hold only samples of uncommitted sources, samples staged by workers) is debris of an
+interrupted run and is removed by `recover()` before a run starts, so a rerun neither duplicates nor loses a sample.
+
+Where the log lives depends on the output's storage (pipeline/core/storage.py):
+- a POSIX directory: `ledger.jsonl`, appended line by line, each append fsynced;
+- an object store (no append, no rename): `ledger/NNNNNNNNNNNN.jsonl`, one object per commit holding all its lines,
+  numbered in commit order. A put is atomic, so a commit is there whole or not at all, and a commit of several
+  lines (shards and the sources they complete) can never be torn.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.core.names import shard_path
+from pipeline.core.names import check_shard
+from pipeline.core.storage import Storage, open_storage
 
 LEDGER_NAME = "ledger.jsonl"
+SEGMENT_DIR = "ledger"  # the log on an object store: one object per commit
 SHARD_DIR = "shards"
 REJECTS_DIR = "rejects"  # examples of dropped clips, apart from the training shards
-# Kept samples of sources still arriving (pipeline/store/assemble.py): scratch, never part of the output.
-SPOOL_DIR = ".spool"
+# Samples written by the workers, waiting for their source to complete and be assembled into a shard
+# (pipeline/store/shards.py): scratch, never part of the output.
+STAGING_DIR = ".staging"
+SPOOL_DIR = ".spool"  # the driver-side spool of earlier versions: removed as debris
 
 
 @dataclass
@@ -63,17 +73,39 @@ class LedgerState:
         return {(e["path"], e["size"], e["mtime_ns"]): e["source_id"] for e in entries}
 
 
+def as_storage(out: str | Path | Storage) -> Storage:
+    return out if isinstance(out, Storage) else open_storage(out, "output")
+
+
 class Ledger:
-    def __init__(self, out_dir: str | Path):
-        self.out_dir = Path(out_dir)
-        self.path = self.out_dir / LEDGER_NAME
+    def __init__(self, out_dir: str | Path | Storage):
+        self.storage = as_storage(out_dir)
+        self.remote = self.storage.remote
+        self.out_dir = self.storage.local_path()  # None on an object store
+        self.path = self.out_dir / LEDGER_NAME if self.out_dir is not None else None
+        self._next_segment: int | None = None
+
+    def exists(self) -> bool:
+        """Has anything been committed here?"""
+        if self.remote:
+            return next(self.storage.list(SEGMENT_DIR), None) is not None
+        return self.path.is_file()
+
+    def lines(self) -> list[str]:
+        """The log's lines in commit order."""
+        if not self.remote:
+            return self.path.read_text().splitlines() if self.path.exists() else []
+        names = sorted(e.rel for e in self.storage.list(SEGMENT_DIR) if e.rel.endswith(".jsonl"))
+        if names:
+            self._next_segment = max(self._next_segment or 0, _segment_number(names[-1]) + 1)
+        with ThreadPoolExecutor(8) as pool:  # one request each: in parallel, or a long log reads slowly
+            texts = list(pool.map(self.storage.read_text, names))
+        return [line for text in texts for line in text.splitlines()]
 
     def read(self) -> LedgerState:
         """Parse the log; a torn last line (killed mid-append) is ignored: its commit never happened."""
         state = LedgerState()
-        if not self.path.exists():
-            return state
-        for line in self.path.read_text().splitlines():
+        for line in self.lines():
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
@@ -98,13 +130,27 @@ class Ledger:
         return state
 
     def append(self, entry: dict) -> None:
+        self.append_many([entry])
+
+    def append_many(self, entries: list[dict]) -> None:
+        """Commit `entries` together: one fsynced append on POSIX (a crash can tear it only at its end, and
+        `recover` then drops shards whose sources did not commit), one object on an object store."""
+        if not entries:
+            return
+        text = "".join(json.dumps(entry, separators=(",", ":")) + "\n" for entry in entries)
+        if self.remote:
+            if self._next_segment is None:
+                names = [e.rel for e in self.storage.list(SEGMENT_DIR) if e.rel.endswith(".jsonl")]
+                self._next_segment = max((_segment_number(n) + 1 for n in names), default=0)
+            self.storage.write_text(f"{SEGMENT_DIR}/{self._next_segment:012d}.jsonl", text)
+            self._next_segment += 1
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(entry, separators=(",", ":")) + "\n"
         with open(self.path, "a") as f:
             # A torn line from a killed writer must not swallow this entry: start on a fresh line.
             if f.tell() > 0 and not self._ends_with_newline():
                 f.write("\n")
-            f.write(line)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
 
@@ -116,28 +162,24 @@ class Ledger:
     def recover(self) -> LedgerState:
         """Remove the debris of an interrupted run and return the committed state."""
         state = self.read()
-        shard_dir = self.out_dir / SHARD_DIR
         committed_keys = {s["key"] for e in state.sources.values() for s in e["samples"]}
         orphaned = [name for name, e in state.shards.items() if not committed_keys.intersection(e["keys"])]
         for name in orphaned:
-            # Only a source larger than one shard leaves such shards behind: its last shard never committed.
-            shard_path(self.out_dir, name).unlink(missing_ok=True)  # a ledger line never deletes outside shards/
+            # A commit of several lines torn after its shard lines (POSIX only: an object-store commit is one put):
+            # the source those shards hold never committed.
+            self.storage.delete(check_shard(name, self.storage))  # a ledger line never deletes outside shards/
             del state.shards[name]
-        if shard_dir.is_dir():
-            # Cross shards named by no current cross line are debris too: written before a crash kept their line
-            # from committing, or superseded by a later line before the old files were deleted.
-            cross = state.cross_shards()
-            for path in shard_dir.iterdir():
-                rel = f"{SHARD_DIR}/{path.name}"
-                if rel not in state.shards and rel not in cross:
-                    path.unlink()
-        reject_dir = self.out_dir / REJECTS_DIR
-        if reject_dir.is_dir():  # a rejects shard is committed by its own line, after it was renamed
-            for path in reject_dir.iterdir():
-                if f"{REJECTS_DIR}/{path.name}" not in state.rejects:
-                    path.unlink()
-        shutil.rmtree(self.out_dir / SPOOL_DIR, ignore_errors=True)  # sources a crash left half-arrived
-        if orphaned or self._has_torn_line():
+        # Cross shards named by no current cross line are debris too: written before a crash kept their line from
+        # committing, or superseded by a later line before the old files were deleted. A rejects shard is
+        # committed by its own line, after it was published.
+        keep = set(state.shards) | state.cross_shards() | set(state.rejects)
+        for directory in (SHARD_DIR, REJECTS_DIR):
+            for entry in self.storage.list(directory):
+                if entry.rel not in keep:
+                    self.storage.delete(entry.rel)
+        for scratch in (STAGING_DIR, SPOOL_DIR):  # samples of sources a crash left half-arrived
+            self.storage.delete_tree(scratch)
+        if not self.remote and (orphaned or self._has_torn_line()):
             self._rewrite(set(orphaned))
         return state
 
@@ -161,6 +203,10 @@ class Ledger:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+def _segment_number(rel: str) -> int:
+    return int(rel.rsplit("/", 1)[-1].split(".")[0])
 
 
 def own_sample_shards(state: LedgerState) -> dict[str, str]:

@@ -8,16 +8,17 @@ killed and resumed, and `s2v shards stats` can compute the same summary while a 
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.core.storage import Storage
+from pipeline.core.storage import name as name_of
 from pipeline.store.accounting import CLIPS_SCHEMA, SOURCES_SCHEMA, clip_rows, input_outcomes, source_rows
 from pipeline.store.funnel import Funnel, recorded_order
-from pipeline.store.ledger import LedgerState
+from pipeline.store.ledger import LedgerState, as_storage
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -51,10 +52,13 @@ ERRORS_SCHEMA = pa.schema(
 )
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def _write_json(out: Storage, name: str, body: dict) -> None:
+    out.write_text(name, json.dumps(body, indent=2))  # atomic: renamed into place, or one put
+
+
+def _write_table(out: Storage, name: str, table: pa.Table) -> None:
+    with out.open_write(name) as f:
+        pq.write_table(table, f)
 
 
 def _input_errors(state: LedgerState, transient: list[dict] | None) -> list[dict]:
@@ -118,35 +122,34 @@ def summarize(state: LedgerState, transient_errors: list[dict] | None = None, or
 def write_outputs(out_dir: str | Path, state: LedgerState, transient_errors: list[dict] | None = None) -> dict:
     """Rebuild every derived file from the committed state; `transient_errors` are this run's problems that are
     not committed (sources whose records never all came back; the next run retries them)."""
-    out = Path(out_dir)
+    out = as_storage(out_dir)
     shards = sorted(list(state.shards.values()) + (state.cross or {}).get("shards", []), key=lambda e: e["shard"])
     index = {
         # wids reads this layout ("shardlist" of {url, nsamples}); urls are relative to this file.
         "__kind__": "wids-shard-index-v1",
         "wids_version": 1,
-        "name": out.name,
+        "name": name_of(out.uri),
         "shardlist": [
             {"url": e["shard"], "nsamples": e["nsamples"], "filesize": e["bytes"], "sha256": e["sha256"]}
             for e in shards
         ],
         "total_samples": sum(e["nsamples"] for e in shards),
     }
-    _atomic_write(out / "index.json", lambda p: p.write_text(json.dumps(index, indent=2)))
+    _write_json(out, "index.json", index)
 
     own = [s for e in state.sources.values() for s in e["samples"]]
     rows = sorted(own + cross_manifest_rows(state), key=lambda r: r["key"])
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    _atomic_write(out / "manifest.parquet", lambda p: pq.write_table(table, p))
+    _write_table(out, "manifest.parquet", table)
 
     errors = _input_errors(state, transient_errors) + [e for entry in state.sources.values() for e in entry["errors"]]
     errors_table = pa.Table.from_pylist(
         [{name: e.get(name) for name in ERRORS_SCHEMA.names} for e in errors], schema=ERRORS_SCHEMA
     )
-    _atomic_write(out / "errors.parquet", lambda p: pq.write_table(errors_table, p))
+    _write_table(out, "errors.parquet", errors_table)
     for name, rows, schema in (("sources", source_rows(state, transient_errors), SOURCES_SCHEMA),
                                ("clips", clip_rows(state), CLIPS_SCHEMA)):
-        table = pa.Table.from_pylist(rows, schema=schema)
-        _atomic_write(out / f"{name}.parquet", lambda p, table=table: pq.write_table(table, p))
+        _write_table(out, f"{name}.parquet", pa.Table.from_pylist(rows, schema=schema))
 
     return write_summary(out, state, transient_errors)
 
@@ -158,7 +161,7 @@ def write_summary(out_dir: str | Path, state: LedgerState, transient_errors: lis
     summary = {"status": "running" if progress else "finished", **summarize(state, transient_errors, order)}
     if progress:
         summary["progress"] = progress
-    _atomic_write(Path(out_dir) / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+    _write_json(as_storage(out_dir), "summary.json", summary)
     return summary
 
 

@@ -1,108 +1,317 @@
-"""The one shard writer: webdataset's ShardWriter, committing whole sources through the ledger.
+"""The one shard writer and the one shard reader, on any storage (pipeline/core/storage.py), and how finished
+samples become committed shards without passing through the driver.
 
-A source's samples are written together. A shard is written under a `.tmp` name, renamed when complete, and
-committed by one ledger line that also carries the entries of the sources whose last sample it holds. A source
-starts in a fresh shard when it does not fit the current one, so a shard can hold part of an uncommitted source only
-when that source alone fills it (and `Ledger.recover` removes such shards).
+Writing. A shard is published whole (storage.open_write: fsync + rename on POSIX, one put on an object store) and
+only then committed by a ledger line (pipeline/store/ledger.py). Tar headers carry mtime 0, so the same samples
+give the same bytes.
+
+Where samples are written. The worker that finishes a clip writes its sample as a small tar under
+`.staging/RUN/KEY.tar` and sends the driver only its digest (pipeline/store/assemble.py). When every clip of a source
+has arrived, the driver groups whole sources into shards (`ShardAssembler`) and has each shard assembled from the
+staged samples by a task on a worker node (`assemble_shard`), which publishes it and deletes the staged files. The
+driver then commits the group: its shard lines, the last carrying the entries of the sources they complete. So a
+shard only ever holds whole sources, a crash leaves only uncommitted debris (`Ledger.recover` removes it), and the
+sample bytes go worker -> storage -> worker -> storage, never through the driver.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import socket
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import webdataset as wds
 
 from pipeline.core.config import OutputConfig
-from pipeline.core.files import file_sha256
 from pipeline.core.names import split_member
-from pipeline.store.ledger import REJECTS_DIR, SHARD_DIR, Ledger, LedgerState
+from pipeline.core.storage import TMP_SUFFIX
+from pipeline.store.ledger import REJECTS_DIR, SHARD_DIR, STAGING_DIR, Ledger, LedgerState, as_storage
 
-TMP_SUFFIX = ".tmp"
-
-
-def publish_shard(tmp_path: str) -> str:
-    """Make a finished `.tar.tmp` durable and give it its real name; returns that name. The rename is atomic, so a
-    reader or a crash sees the whole shard or none of it; the ledger line that commits it comes after."""
-    with open(tmp_path, "rb") as f:
-        os.fsync(f.fileno())
-    final = tmp_path[: -len(TMP_SUFFIX)]
-    os.replace(tmp_path, final)
-    return final
+__all__ = ["TMP_SUFFIX", "ShardWriter", "ShardSink", "ShardAssembler", "iter_members", "read_shard_samples"]
 
 
 def shard_number(name: str) -> int:
     return int(Path(name).name.split(".")[0].rsplit("-", 1)[1])
 
 
-class ShardWriter:
-    """The one shard writer: webdataset.ShardWriter into `SHARD_DIR/{prefix}-NNNNNN.tar.tmp`, each shard fsynced and
-    renamed to its real name when complete (`publish_shard`), then handed to `on_shard` as {"shard", "nsamples",
-    "bytes", "sha256"} with the keys it holds. Tar headers carry mtime 0, so the same samples give the same bytes."""
+class _Counting:
+    """A write-only file that hashes and counts what passes through to `target`."""
 
-    def __init__(self, out_dir: str | Path, prefix: str, cfg: OutputConfig, start: int,
+    def __init__(self, target: BinaryIO):
+        self.target, self.size, self.sha = target, 0, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.target.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.target.flush()
+
+
+class ShardWriter:
+    """The one shard writer: samples ({"__key__", ext: bytes}) into `directory/{prefix}-NNNNNN.tar` of an output
+    (a path, a URI or a Storage), a new shard when the open one is full (`cfg.shard_max_samples` or
+    `cfg.shard_max_mb`), each published whole and then handed to `on_shard` as {"shard", "nsamples", "bytes",
+    "sha256"} with the keys it holds."""
+
+    def __init__(self, out, prefix: str, cfg: OutputConfig | None, start: int,
                  on_shard: Callable[[dict, list[str]], None], directory: str = SHARD_DIR):
-        self.out_dir = Path(out_dir)
-        self.cfg = cfg
-        self.on_shard = on_shard
-        self.directory = directory
-        (self.out_dir / directory).mkdir(parents=True, exist_ok=True)
+        self.storage = as_storage(out)
+        self.prefix, self.directory, self.on_shard = prefix, directory, on_shard
+        self.max_count = cfg.shard_max_samples if cfg else None
+        self.max_bytes = cfg.shard_max_mb * 1e6 if cfg else None
+        self.next = start
+        self._rel: str | None = None
+        self._context = self._file = self._tar = None
         self._keys: list[str] = []
-        self._writer = wds.ShardWriter(
-            str(self.out_dir / directory / f"{prefix}-%06d.tar{TMP_SUFFIX}"),
-            maxcount=cfg.shard_max_samples,
-            maxsize=cfg.shard_max_mb * 1e6,
-            post=self._finish,
-            start_shard=start,
-            verbose=0,
-            encoder=False,
-            mtime=0.0,  # reproducible tar headers
-        )
+
+    @property
+    def count(self) -> int:
+        return len(self._keys)
+
+    def _full(self, nsamples: int = 1, nbytes: int = 0) -> bool:
+        if self._tar is None or not self._keys:
+            return False
+        return ((self.max_count is not None and self.count + nsamples > self.max_count)
+                or (self.max_bytes is not None and self._file.size + nbytes > self.max_bytes))
 
     def keep_together(self, nsamples: int, nbytes: int) -> None:
         """Start a new shard unless these samples fit in the open one (a source's samples stay in one shard)."""
-        writer = self._writer
-        if writer.count and (writer.count + nsamples > self.cfg.shard_max_samples
-                             or writer.size + nbytes > self.cfg.shard_max_mb * 1e6):
-            writer.next_stream()
+        if self._full(nsamples, nbytes):
+            self._finish()
 
     def write(self, sample: dict) -> str:
-        """Write one sample ({"__key__", ext: bytes}); returns the shard it goes into, relative to the output."""
-        self._writer.write(sample)
+        """Write one sample; returns the shard it goes into, relative to the output."""
+        if self._full():
+            self._finish()
+        if self._tar is None:
+            self._begin(f"{self.directory}/{self.prefix}-{self.next:06d}.tar")
+            self.next += 1
+        self._tar.write(sample)
         self._keys.append(sample["__key__"])
-        return _relname(self._writer.fname, self.directory)
+        return self._rel
 
-    def _finish(self, tmp_path: str) -> None:
-        keys, self._keys = self._keys, []
-        if not keys:
-            os.unlink(tmp_path)
+    def _begin(self, rel: str) -> None:
+        self._rel = rel
+        self._context = self.storage.open_write(rel)
+        self._file = _Counting(self._context.__enter__())
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0)  # reproducible tar headers
+
+    def _finish(self) -> None:
+        if self._tar is None:
             return
-        final = publish_shard(tmp_path)
-        self.on_shard({"shard": _relname(tmp_path, self.directory), "nsamples": len(keys),
-                       "bytes": os.path.getsize(final), "sha256": file_sha256(final)}, keys)
+        self._tar.close()
+        context, self._context, self._tar = self._context, None, None
+        context.__exit__(None, None, None)  # published: renamed into place, or uploaded
+        keys, self._keys = self._keys, []
+        self.on_shard({"shard": self._rel, "nsamples": len(keys), "bytes": self._file.size,
+                       "sha256": self._file.sha.hexdigest()}, keys)
+
+    def abort(self) -> None:
+        """Drop the open shard unpublished (an error while filling it)."""
+        if self._context is not None:
+            context, self._context, self._tar = self._context, None, None
+            context.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            self._keys = []
 
     def close(self) -> None:
-        self._writer.close()
+        self._finish()
 
 
-def _relname(tmp_path: str, directory: str = SHARD_DIR) -> str:
-    return f"{directory}/{Path(tmp_path).name[: -len(TMP_SUFFIX)]}"
+def write_shard(out, rel: str, samples: Iterable[dict]) -> dict:
+    """One whole shard at `rel` from `samples`: {"shard", "nsamples", "bytes", "sha256", "keys"}."""
+    directory, _, filename = rel.rpartition("/")
+    made: list[dict] = []
+    writer = ShardWriter(out, "", None, 0, lambda shard, keys: made.append({**shard, "keys": keys}), directory)
+    writer._rel = rel
+    writer._begin(rel)
+    try:
+        for sample in samples:
+            writer._tar.write(sample)
+            writer._keys.append(sample["__key__"])
+    except BaseException:
+        writer.abort()
+        raise
+    writer._finish()
+    return made[0]
+
+
+def staged_name(run_id: str, key: str) -> str:
+    return f"{STAGING_DIR}/{run_id}/{key}.tar"
+
+
+def stage_sample(out, run_id: str, sample: dict) -> dict:
+    """Write one finished sample where it was made, for `assemble_shard` to pick up: {"rel", "bytes"} (bytes: its
+    parts' payload, which the driver adds up to fill shards)."""
+    rel = staged_name(run_id, sample["__key__"])
+    write_shard(out, rel, [sample])
+    return {"rel": rel, "bytes": sum(len(v) for k, v in sample.items() if k != "__key__")}
+
+
+def assemble_shard(out_uri: str, rel: str, staged: list[str]) -> dict:
+    """Runs on a worker node: the staged samples, in order, into the shard `rel`; published, then the staged files
+    deleted. Returns the shard's ledger fields with `keys` and `written_by` (host and process, for the record)."""
+    storage = as_storage(out_uri)
+
+    def samples() -> Iterator[dict]:
+        for part in staged:
+            yield from read_shard_samples((storage, part)).values()
+
+    shard = write_shard(storage, rel, samples())
+    for part in staged:
+        storage.delete(part)
+    return {**shard, "written_by": {"host": socket.gethostname(), "pid": os.getpid()}}
+
+
+class InlineTasks:
+    """Runs shard assembly here and now (sequential runs, tests): the same interface the runner gives Ray tasks."""
+
+    def submit(self, fn, *args):
+        try:
+            return ("ok", fn(*args))
+        except Exception as exc:  # reported by result(), as a Ray task's error would be
+            return ("error", exc)
+
+    def ready(self, handles: list, wait: bool = False) -> list:
+        return list(handles)
+
+    def result(self, handle):
+        status, value = handle
+        if status == "error":
+            raise value
+        return value
+
+
+@dataclass
+class _Group:
+    """Whole sources bound for the same shards, committed together once all of them are published."""
+
+    sources: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # rejects: key -> stage/reason
+    handles: list = field(default_factory=list)
+    shards: list[dict] = field(default_factory=list)
+
+
+class ShardAssembler:
+    """On the driver: whole sources' staged samples grouped into shards of `cfg`'s size, each assembled by a task
+    where the work happens (`tasks.submit(assemble_shard, ...)`), and each group committed by `commit(group)` once
+    its shards are published. The driver only ever handles names and sizes.
+
+    `kind` "shard": own samples; a group's lines are one "shard" line per shard, the last carrying the entries of
+    the sources in the group. `kind` "rejects": examples of dropped clips, committed by "rejects" lines."""
+
+    def __init__(self, out, cfg: OutputConfig, ledger: Ledger, start: int, tasks, kind: str = "shard",
+                 on_failure: Callable[[list[dict], Exception], None] | None = None):
+        self.storage = as_storage(out)
+        self.cfg, self.ledger, self.tasks, self.kind = cfg, ledger, tasks, kind
+        self.prefix, self.directory = (cfg.split, SHARD_DIR) if kind == "shard" else ("rejects", REJECTS_DIR)
+        self.next = start
+        self.on_failure = on_failure
+        self._pending = _Group()
+        self._parts: list[tuple[str, dict]] = []  # (key, staged) of the pending group
+        self._bytes = 0
+        self._running: list[_Group] = []
+        self.shards_written = self.samples_written = 0
+
+    def add_source(self, entry: dict | None, staged: list[tuple[str, dict]], extra: dict | None = None) -> None:
+        """A whole source: its ledger `entry` (None for rejects) and its staged samples [(key, {"rel", "bytes"})]
+        in key order. Sources stay whole: one that does not fit the open group starts the next."""
+        nbytes = sum(s["bytes"] for _, s in staged)
+        if self._parts and (len(self._parts) + len(staged) > self.cfg.shard_max_samples
+                            or self._bytes + nbytes > self.cfg.shard_max_mb * 1e6):
+            self.dispatch()
+        if entry is not None:
+            self._pending.sources.append(entry)
+        self._pending.extra.update(extra or {})
+        self._parts += staged
+        self._bytes += nbytes
+
+    def dispatch(self) -> None:
+        """Send the pending group to be written: one shard, or several for a source larger than one shard."""
+        if not self._parts:
+            return
+        group, parts = self._pending, self._parts
+        self._pending, self._parts, self._bytes = _Group(), [], 0
+        rows = {row["key"]: row for entry in group.sources for row in entry["samples"]}
+        chunk: list[tuple[str, dict]] = []
+        chunks = []
+        size = 0
+        for key, staged in parts:
+            full = len(chunk) >= self.cfg.shard_max_samples or size + staged["bytes"] > self.cfg.shard_max_mb * 1e6
+            if chunk and full:
+                chunks.append(chunk)
+                chunk, size = [], 0
+            chunk.append((key, staged))
+            size += staged["bytes"]
+        chunks.append(chunk)
+        for chunk in chunks:
+            rel = f"{self.directory}/{self.prefix}-{self.next:06d}.tar"
+            self.next += 1
+            for key, _ in chunk:
+                if key in rows:
+                    rows[key]["shard"] = rel
+            group.handles.append(self.tasks.submit(assemble_shard, self.storage.uri, rel, [s["rel"] for _, s in chunk]))
+        self._running.append(group)
+
+    def poll(self, wait: bool = False) -> list[_Group]:
+        """Commit every group whose shards are all published; with `wait`, wait for all of them. Returns the
+        groups committed."""
+        done = []
+        for group in list(self._running):
+            ready = self.tasks.ready(group.handles, wait=wait)
+            if len(ready) < len(group.handles):
+                continue
+            self._running.remove(group)
+            try:
+                group.shards = [self.tasks.result(h) for h in group.handles]
+            except Exception as exc:  # the group's sources stay uncommitted; the next run redoes them
+                if self.on_failure:
+                    self.on_failure(group.sources, exc)
+                continue
+            self.ledger.append_many(self._lines(group))
+            self.shards_written += len(group.shards)
+            self.samples_written += sum(s["nsamples"] for s in group.shards)
+            done.append(group)
+        return done
+
+    def _lines(self, group: _Group) -> list[dict]:
+        if self.kind == "rejects":
+            return [{"type": "rejects", **shard, "reasons": {k: group.extra[k] for k in shard["keys"]}}
+                    for shard in group.shards]
+        lines = [{"type": "shard", **shard, "sources": []} for shard in group.shards]
+        lines[-1]["sources"] = group.sources
+        return lines
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running or self._parts)
+
+    def close(self) -> list[_Group]:
+        """Write what is pending and commit everything still running."""
+        self.dispatch()
+        return self.poll(wait=True)
 
 
 class ShardSink:
-    """Own samples, a whole source at a time: each finished shard is committed by a ledger line that carries the
-    source entries whose last sample it holds."""
+    """Whole sources written from this process (postpasses, test fixtures): each finished shard is committed by a
+    ledger line that carries the source entries whose last sample it holds."""
 
-    def __init__(self, out_dir: str | Path, cfg: OutputConfig, ledger: Ledger, state: LedgerState):
-        self.out_dir = Path(out_dir)
+    def __init__(self, out_dir, cfg: OutputConfig, ledger: Ledger, state: LedgerState):
+        self.storage = as_storage(out_dir)
         self.cfg = cfg
         self.ledger = ledger
-        (self.out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         self._start = max((shard_number(n) + 1 for n in state.shards), default=0)
         self._writer: ShardWriter | None = None
         self._pending_sources: list[dict] = []
@@ -111,13 +320,12 @@ class ShardSink:
 
     def add_source(self, entry: dict, samples: Iterable[dict]) -> None:
         """Write a source's samples ({"__key__", ext: bytes}); its ledger entry follows its last shard's. `samples`
-        may be any sized iterable (the runner's are read back from disk one at a time); one with an `nbytes`
-        attribute saves reading them twice."""
+        may be any sized iterable; one with an `nbytes` attribute saves reading them twice."""
         if not len(samples):
             self.ledger.append(entry)
             return
         if self._writer is None:
-            self._writer = ShardWriter(self.out_dir, self.cfg.split, self.cfg, self._start, self._commit_shard)
+            self._writer = ShardWriter(self.storage, self.cfg.split, self.cfg, self._start, self._commit_shard)
         nbytes = getattr(samples, "nbytes", None)
         if nbytes is None:
             nbytes = sum(len(v) for s in samples for k, v in s.items() if k != "__key__")
@@ -139,52 +347,32 @@ class ShardSink:
             self._writer = None
 
 
-class RejectsSink:
-    """Examples of dropped clips into `rejects/rejects-NNNNNN.tar`, each shard committed by a "rejects" ledger line
-    naming its keys and their stage/reason. Not training data: index.json never lists them."""
-
-    def __init__(self, out_dir: str | Path, cfg: OutputConfig, ledger: Ledger, state: LedgerState):
-        self.out_dir, self.cfg, self.ledger = Path(out_dir), cfg, ledger
-        self._start = max((shard_number(n) + 1 for n in state.rejects), default=0)
-        self._writer: ShardWriter | None = None
-        self._reasons: dict[str, str] = {}
-
-    def add(self, samples: Iterable[dict], reasons: dict[str, str]) -> None:
-        for sample in samples:
-            if self._writer is None:
-                self._writer = ShardWriter(self.out_dir, "rejects", self.cfg, self._start, self._commit,
-                                           directory=REJECTS_DIR)
-            self._reasons[sample["__key__"]] = reasons[sample["__key__"]]
-            self._writer.write(sample)
-
-    def _commit(self, shard: dict, keys: list[str]) -> None:
-        self.ledger.append({"type": "rejects", **shard, "keys": keys,
-                            "reasons": {k: self._reasons.pop(k) for k in keys}})
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+def open_shard(shard) -> BinaryIO:
+    """A shard given as a local path, or as (storage, path relative to it), opened for reading."""
+    if isinstance(shard, tuple):
+        storage, rel = shard
+        return storage.open_read(rel)
+    return open(shard, "rb")  # noqa: SIM115 - the caller closes it
 
 
-def iter_members(
-    path: str | Path, label: str | None = None
-) -> Iterator[tuple[str, str, tarfile.TarInfo, Callable[[], bytes]]]:
-    """The one shard reader: (key, part, tar member, read) for each file member of one of our tars, in tar order.
-    Names are checked as they come (`split_member`: a path, "..", or anything but KEY.PART raises UnsafeName,
-    naming `label`, else the path): such a tar is not one of ours. `read()` returns the member's bytes; members
-    nobody reads are skipped by their headers, so picking a few parts out of a big shard reads only their bytes."""
-    with tarfile.open(path, "r:") as tar:
+def iter_members(shard, label: str | None = None) -> Iterator[tuple[str, str, tarfile.TarInfo, Callable[[], bytes]]]:
+    """The one shard reader: (key, part, tar member, read) for each file member of one of our tars (a local path,
+    or (storage, rel) for any storage), in tar order. Names are checked as they come (`split_member`: a path,
+    "..", or anything but KEY.PART raises UnsafeName, naming `label`, else the shard): such a tar is not one of
+    ours. `read()` returns the member's bytes; members nobody reads are skipped by their headers, so picking a few
+    parts out of a big shard reads only their bytes."""
+    where = label or (shard[0].join(shard[1]) if isinstance(shard, tuple) else str(shard))
+    with open_shard(shard) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for member in tar:
             if member.isfile():
-                key, part = split_member(member.name, label or str(path))
+                key, part = split_member(member.name, where)
                 yield key, part, member, lambda member=member: tar.extractfile(member).read()
 
 
-def read_shard_samples(path: str | Path, keys: set[str] | None = None) -> dict[str, dict]:
+def read_shard_samples(shard, keys: set[str] | None = None) -> dict[str, dict]:
     """key -> {"__key__", part: bytes} of the samples in one of our tars (all, or only `keys`), in tar order."""
     samples: dict[str, dict] = {}
-    for key, part, _member, read in iter_members(path):
+    for key, part, _member, read in iter_members(shard):
         if keys is None or key in keys:
             samples.setdefault(key, {"__key__": key})[part] = read()
     return samples

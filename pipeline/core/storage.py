@@ -1,0 +1,501 @@
+"""Where data lives: the one storage layer for inputs, output directories and model directories, addressed by URI.
+
+  /data/out, data/out, file:///data/out   a POSIX directory (local disk, NFS, EFS, Lustre)
+  s3://bucket/prefix                      S3 or an S3-compatible store (MinIO, Ceph, R2, ...)
+  gs://bucket/prefix                      Google Cloud Storage
+
+Object stores go through `obstore` (the Python face of the Apache Arrow project's Rust `object_store`): one library
+for S3 and GCS whose listing is a stream of pages, so a prefix of a million objects is never one list in memory
+(neither `pyarrow.fs` nor `fsspec` offers a public paged listing), and which reads the standard `AWS_*` variables
+itself (`AWS_ENDPOINT_URL`, `AWS_REGION`, keys; pyarrow's S3 client ignores the endpoint variable). Credentials
+in the AWS config files (`~/.aws/credentials`, `~/.aws/config`, `AWS_PROFILE`) come through boto3's standard chain
+when no key is in the environment. Nothing here ever prints or records a credential: errors name the URI only.
+
+Writes are atomic on both kinds: a POSIX file is written under a temporary name, fsynced and renamed; an object is
+uploaded from a local scratch file by one put, which S3 and GCS make visible whole or not at all. Object stores
+have no append and no rename; the commit protocol built on these writes is in pipeline/store/ledger.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlparse
+
+from pipeline.core.errors import UserFacingError
+
+REMOTE_SCHEMES = ("s3", "gs")
+TMP_SUFFIX = ".tmp"  # a POSIX file being written; never a committed name
+
+
+class StorageError(UserFacingError, OSError):
+    """A URI that cannot be used, or a store that refused a request; the message names the URI and the fix."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file or object: `rel` is its path below the listed root ("/"-separated), `uri` the whole address."""
+
+    rel: str
+    uri: str
+    size: int
+    mtime_ns: int
+
+
+def is_remote(uri: str | os.PathLike) -> bool:
+    return urlparse(str(uri)).scheme in REMOTE_SCHEMES
+
+
+def check_uri(uri: str | os.PathLike, what: str = "path") -> str:
+    """The URI normalised (a local path made absolute), or StorageError for a scheme this layer cannot serve. A
+    plain path is never mistaken for a URL and vice versa: `s3://b/x` no longer becomes a local folder `s3:`."""
+    text = str(uri)
+    parsed = urlparse(text)
+    scheme = parsed.scheme
+    if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
+        local = parsed.path if scheme == "file" else text
+        if scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise StorageError(f"{what} {text}: file:// URIs name a path on this machine (file:///abs/path)")
+        return str(Path(os.path.expanduser(local)).absolute())
+    if scheme not in REMOTE_SCHEMES:
+        raise StorageError(f"{what} {text}: the {scheme}:// scheme is not supported; use a local path, file://, "
+                           "s3:// (or an S3-compatible store through AWS_ENDPOINT_URL) or gs://")
+    if "@" in parsed.netloc or parsed.password or parsed.username:
+        raise StorageError(f"{what} {scheme}://...: credentials do not belong in a URI (they would end up in logs "
+                           "and the ledger); put them in the environment or the provider's config files")
+    if not parsed.netloc:
+        raise StorageError(f"{what} {text}: no bucket; write {scheme}://BUCKET/PREFIX")
+    if parsed.query or parsed.fragment:
+        raise StorageError(f"{what} {text}: query strings and fragments are not part of an object path")
+    return f"{scheme}://{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
+
+
+def join(uri: str, rel: str) -> str:
+    """`uri` + "/" + `rel` for URIs and local paths alike."""
+    rel = rel.strip("/")
+    if not rel:
+        return uri
+    return f"{uri.rstrip('/')}/{rel}" if is_remote(uri) else str(Path(uri) / rel)
+
+
+def parent(uri: str) -> str:
+    return uri.rsplit("/", 1)[0] if is_remote(uri) else str(Path(uri).parent)
+
+
+def name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1] if is_remote(uri) else Path(uri).name
+
+
+class Storage:
+    """A directory or prefix, read and written by paths relative to it. `open_storage(uri)` makes one."""
+
+    uri: str
+    remote: bool
+
+    def child(self, rel: str) -> Storage:
+        return open_storage(join(self.uri, rel))
+
+    def join(self, rel: str) -> str:
+        return join(self.uri, rel)
+
+    # --- reading -------------------------------------------------------------------------------------------------
+    def info(self, rel: str) -> Entry | None:
+        raise NotImplementedError
+
+    def exists(self, rel: str = "") -> bool:
+        raise NotImplementedError
+
+    def read_bytes(self, rel: str) -> bytes:
+        raise NotImplementedError
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode()
+
+    def open_read(self, rel: str) -> BinaryIO:
+        """A seekable binary file; the caller closes it."""
+        raise NotImplementedError
+
+    def list(self, rel: str = "") -> Iterator[Entry]:
+        """Every file below `rel`, recursively, as a stream (pages of an object listing, or a directory walk)."""
+        raise NotImplementedError
+
+    @contextmanager
+    def local_copy(self, rel: str, scratch: str | None = None) -> Iterator[Path]:
+        """A local path holding the file for the duration of the block: the file itself on POSIX, else a copy in
+        `scratch` (the system temporary directory by default), deleted afterwards."""
+        raise NotImplementedError
+        yield
+
+    def local_path(self, rel: str = "") -> Path | None:
+        """The POSIX path of `rel`, or None for an object store."""
+        return None
+
+    # --- writing -------------------------------------------------------------------------------------------------
+    @contextmanager
+    def open_write(self, rel: str) -> Iterator[BinaryIO]:
+        """A file to write `rel` into; it appears whole when the block ends without an exception, else never."""
+        raise NotImplementedError
+        yield
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        with self.open_write(rel) as f:
+            f.write(data)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
+
+    def delete(self, rel: str) -> None:
+        """Remove one file; a missing one is not an error."""
+        raise NotImplementedError
+
+    def delete_tree(self, rel: str) -> int:
+        """Remove everything below `rel`; returns how many files went."""
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+    def __reduce__(self):  # travels to Ray workers as its URI: clients are made again on the other side
+        return open_storage, (self.uri,)
+
+
+class LocalStorage(Storage):
+    remote = False
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.root = Path(uri)
+
+    def _path(self, rel: str) -> Path:
+        return self.root / rel if rel else self.root
+
+    def local_path(self, rel: str = "") -> Path:
+        return self._path(rel)
+
+    def info(self, rel: str) -> Entry | None:
+        try:
+            st = os.stat(self._path(rel))
+        except OSError:
+            return None
+        return Entry(rel, str(self._path(rel)), st.st_size, st.st_mtime_ns)
+
+    def exists(self, rel: str = "") -> bool:
+        return self._path(rel).exists()
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self._path(rel).read_bytes()
+
+    def open_read(self, rel: str) -> BinaryIO:
+        return open(self._path(rel), "rb")  # noqa: SIM115 - the caller closes it
+
+    def list(self, rel: str = "") -> Iterator[Entry]:
+        base = self._path(rel)
+        if base.is_file():
+            yield from filter(None, [self.info(rel)])
+            return
+        for root, dirs, files in os.walk(base):
+            dirs.sort()
+            for file in sorted(files):
+                path = Path(root) / file
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue
+                yield Entry(path.relative_to(self.root).as_posix(), str(path), st.st_size, st.st_mtime_ns)
+
+    @contextmanager
+    def local_copy(self, rel: str, scratch: str | None = None) -> Iterator[Path]:
+        yield self._path(rel)
+
+    @contextmanager
+    def open_write(self, rel: str) -> Iterator[BinaryIO]:
+        path = self._path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + TMP_SUFFIX)
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic: a reader or a crash sees all of it or none
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def delete(self, rel: str) -> None:
+        self._path(rel).unlink(missing_ok=True)
+
+    def delete_tree(self, rel: str) -> int:
+        path = self._path(rel)
+        if not path.is_dir():
+            return 0
+        count = sum(len(files) for _, _, files in os.walk(path))
+        shutil.rmtree(path, ignore_errors=True)
+        return count
+
+
+_STORES: dict[tuple[str, str, str], object] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def _object_store(scheme: str, bucket: str):
+    """One client per bucket and process (obstore clients pool their connections)."""
+    # Keyed by the endpoint too: a process that points AWS_ENDPOINT_URL elsewhere (a test's server) gets a new client.
+    key = (scheme, bucket, os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", ""))
+    with _STORES_LOCK:
+        store = _STORES.get(key)
+        if store is None:
+            store = _STORES[key] = _make_store(scheme, bucket)
+        return store
+
+
+def _make_store(scheme: str, bucket: str):
+    try:
+        from obstore.store import GCSStore, S3Store
+    except ImportError:  # pragma: no cover - a dependency; said plainly if an install lacks it
+        raise StorageError(f"{scheme}://{bucket}: object storage needs the obstore package (pip install obstore)") \
+            from None
+    if scheme == "gs":
+        return GCSStore(bucket)  # GOOGLE_APPLICATION_CREDENTIALS / GOOGLE_SERVICE_ACCOUNT, else the ADC chain
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    client_options = {"allow_http": True} if endpoint and endpoint.startswith("http://") else None
+    provider = None
+    if not os.environ.get("AWS_ACCESS_KEY_ID"):
+        provider = _config_file_credentials()
+    kwargs = {"client_options": client_options} if client_options else {}
+    if provider is not None:
+        kwargs["credential_provider"] = provider
+    # The store reads AWS_ENDPOINT_URL, AWS_REGION and the AWS_* keys from the environment itself; an endpoint other
+    # than AWS's is addressed path-style, which every S3-compatible server accepts.
+    return S3Store(bucket, **kwargs)
+
+
+def _config_file_credentials():
+    """boto3's standard chain (config files, AWS_PROFILE, SSO, instance roles) when the environment has no key; None
+    when boto3 finds nothing either (then obstore's own chain: web identity, container and instance metadata)."""
+    try:
+        import boto3
+        from obstore.auth.boto3 import Boto3CredentialProvider
+    except ImportError:
+        return None
+    session = boto3.Session()
+    if session.get_credentials() is None:
+        return None
+    return Boto3CredentialProvider(session)
+
+
+class ObjectStorage(Storage):
+    remote = True
+
+    def __init__(self, uri: str):
+        parsed = urlparse(uri)
+        self.uri = uri
+        self.scheme, self.bucket = parsed.scheme, parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.store = _object_store(self.scheme, self.bucket)
+
+    def _key(self, rel: str) -> str:
+        rel = rel.strip("/")
+        return f"{self.prefix}/{rel}".strip("/") if self.prefix else rel
+
+    def _rel(self, key: str) -> str:
+        return key[len(self.prefix) + 1:] if self.prefix else key
+
+    def _fail(self, exc: Exception, rel: str, doing: str) -> StorageError:
+        # The library's message names the bucket and key, never a credential; keep its first line.
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return StorageError(f"{join(self.uri, rel)}: cannot {doing} ({detail[:300]}). Check the bucket, the "
+                            "AWS_*/GOOGLE_* settings and that this identity may access it")
+
+    def info(self, rel: str) -> Entry | None:
+        import obstore
+
+        try:
+            meta = obstore.head(self.store, self._key(rel))
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._fail(exc, rel, "look it up") from None
+        return self._entry(meta)
+
+    def _entry(self, meta) -> Entry:
+        rel = self._rel(meta["path"])
+        stamp = meta.get("last_modified")
+        return Entry(rel, join(self.uri, rel), int(meta["size"]), int(stamp.timestamp() * 1e9) if stamp else 0)
+
+    def exists(self, rel: str = "") -> bool:
+        if self.info(rel) is not None:
+            return True
+        return next(self.list(rel), None) is not None  # a "directory": some object below it
+
+    def read_bytes(self, rel: str) -> bytes:
+        import obstore
+
+        try:
+            return obstore.get(self.store, self._key(rel)).bytes().to_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(join(self.uri, rel)) from None
+        except Exception as exc:
+            raise self._fail(exc, rel, "read it") from None
+
+    def open_read(self, rel: str) -> BinaryIO:
+        import obstore
+
+        try:
+            return _Reader(obstore.open_reader(self.store, self._key(rel), buffer_size=1 << 20))
+        except FileNotFoundError:
+            raise FileNotFoundError(join(self.uri, rel)) from None
+        except Exception as exc:
+            raise self._fail(exc, rel, "open it") from None
+
+    def list(self, rel: str = "") -> Iterator[Entry]:
+        import obstore
+
+        prefix = self._key(rel) or None
+        try:
+            # Pages of up to 1000 keys (one S3 ListObjectsV2 response each): memory holds one page at a time.
+            for page in obstore.list(self.store, prefix, chunk_size=1000):
+                for meta in page:
+                    yield self._entry(meta)
+        except FileNotFoundError:
+            return
+        except Exception as exc:
+            raise self._fail(exc, rel, "list it") from None
+
+    @contextmanager
+    def local_copy(self, rel: str, scratch: str | None = None) -> Iterator[Path]:
+        import obstore
+
+        suffix = Path(rel).suffix
+        fd, tmp = tempfile.mkstemp(prefix="s2v-", suffix=suffix, dir=scratch)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                try:
+                    for chunk in obstore.get(self.store, self._key(rel)):  # streamed, never whole in memory
+                        f.write(chunk)
+                except FileNotFoundError:
+                    raise FileNotFoundError(join(self.uri, rel)) from None
+                except OSError:
+                    raise
+                except Exception as exc:
+                    raise self._fail(exc, rel, "download it") from None
+            yield Path(tmp)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    @contextmanager
+    def open_write(self, rel: str) -> Iterator[BinaryIO]:
+        import obstore
+
+        # Written to local scratch first, then uploaded by one put (multipart when large): the object appears only
+        # once complete, and an exception in the block uploads nothing.
+        fd, tmp = tempfile.mkstemp(prefix="s2v-up-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+            try:
+                obstore.put(self.store, self._key(rel), Path(tmp), chunk_size=16 << 20)
+            except Exception as exc:
+                raise self._fail(exc, rel, "write it") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        import obstore
+
+        try:
+            obstore.put(self.store, self._key(rel), data)
+        except Exception as exc:
+            raise self._fail(exc, rel, "write it") from None
+
+    def delete(self, rel: str) -> None:
+        import obstore
+
+        try:
+            obstore.delete(self.store, self._key(rel))
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            raise self._fail(exc, rel, "delete it") from None
+
+    def delete_tree(self, rel: str) -> int:
+        import obstore
+
+        count, batch = 0, []
+        for entry in self.list(rel):
+            batch.append(self._key(entry.rel))
+            if len(batch) == 1000:
+                obstore.delete(self.store, batch)
+                count, batch = count + len(batch), []
+        if batch:
+            obstore.delete(self.store, batch)
+        return count + len(batch)
+
+
+class _Reader:
+    """obstore's ReadableFile as a Python binary file (tarfile, PyAV and webdataset want `read` to return bytes)."""
+
+    def __init__(self, raw):
+        self._raw = raw
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read() if size is None or size < 0 else self._raw.read(size)
+        return data.to_bytes() if hasattr(data, "to_bytes") else bytes(data)
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_storage(uri: str | os.PathLike, what: str = "path") -> Storage:
+    """The storage at `uri` (checked by `check_uri`)."""
+    uri = check_uri(uri, what)
+    return ObjectStorage(uri) if is_remote(uri) else LocalStorage(uri)
+
+
+def sha256_of(storage: Storage, rel: str) -> str:
+    digest = hashlib.sha256()
+    with storage.open_read(rel) as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
