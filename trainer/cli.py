@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from pipeline.core.errors import UserFacingError, user_errors
+from pipeline.core.storage import is_remote
 
 
 class TrainError(UserFacingError):
@@ -18,6 +19,14 @@ class TrainError(UserFacingError):
 
 def _check_shards(shards: str | None) -> None:
     if shards is None:
+        return
+    if is_remote(shards):  # an object-store output: its index.json must be there
+        try:
+            from trainer.data import resolve_shards
+
+            resolve_shards(shards)
+        except (OSError, ValueError) as exc:
+            raise TrainError(f"--shards {shards}: {exc}") from None
         return
     path = Path(shards)
     if not path.exists():

@@ -37,6 +37,7 @@ import logging
 import math
 import random
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -51,7 +52,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.core.names import UnsafeName, check_key, shard_path
+from pipeline.core.names import UnsafeName, check_key, check_shard, shard_path
+from pipeline.core.storage import check_uri, is_remote, open_storage, parent
+from pipeline.core.storage import name as name_of
 from pipeline.core.video import VideoError, probe, read_frames
 
 log = logging.getLogger(__name__)
@@ -127,6 +130,8 @@ def resolve_shards(spec: str | Path | list) -> list[str]:
         return [url for item in spec for url in resolve_shards(item)]
     if not str(spec):
         raise ValueError("shards: not set (give the pipeline's OUT dir, its shards/ dir or tar files)")
+    if is_remote(str(spec)):
+        return _resolve_remote(str(spec))
     path = Path(spec)
     if path.is_dir() and (path / "index.json").exists():
         path = path / "index.json"
@@ -141,6 +146,29 @@ def resolve_shards(spec: str | Path | list) -> list[str]:
     if path.is_file():
         return [str(path)]
     raise FileNotFoundError(f"shards: {spec} is not a shard, a directory of shards or an index.json")
+
+
+def _resolve_remote(uri: str) -> list[str]:
+    """`resolve_shards` for an s3:// or gs:// output (its index.json), index.json itself, or one tar."""
+    uri = check_uri(uri, "shards")
+    if uri.endswith(".tar"):
+        return [uri]
+    out = open_storage(parent(uri) if uri.endswith("/index.json") else uri)
+    if out.info("index.json") is None:
+        raise FileNotFoundError(f"shards: no index.json at {out.uri} (give the pipeline's output URI)")
+    index = json.loads(out.read_text("index.json"))
+    return [out.join(check_shard(entry["url"], out.uri)) for entry in index["shardlist"]]
+
+
+def _open_object(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    """webdataset's opener for s3:// and gs:// shard URLs: a buffered stream through the one storage layer (the same
+    credentials chain as the pipeline; no CLI tools needed on the training nodes)."""
+    return open_storage(parent(url)).open_read(name_of(url))
+
+
+# webdataset opens every URL through its scheme table (webdataset.gopen.gopen_schemes, its documented hook).
+_GOPEN = sys.modules["webdataset.gopen"]
+_GOPEN.gopen_schemes["s3"] = _GOPEN.gopen_schemes["gs"] = _open_object
 
 
 def _seed(*parts) -> int:

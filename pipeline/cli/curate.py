@@ -7,6 +7,7 @@ import click
 
 from pipeline.cli.console import err_console
 from pipeline.cli.jobs import register as register_jobs
+from pipeline.cli.params import Location
 from pipeline.core.errors import UserError, user_errors
 
 
@@ -18,10 +19,12 @@ def curate():
 @curate.command("run")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML recipe (see configs/).")
 @click.option("--input", "inputs", multiple=True,
-              help="Video file, directory or glob; repeatable. Adds to input.paths.")
-@click.option("--metadata", help="JSONL with per-video captions (input.metadata).")
-@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
-              help="Output directory; rerun to resume.")
+              help="Video file, directory or glob, local or s3://BUCKET/PREFIX or gs://...; repeatable. Adds to "
+              "input.paths.")
+@click.option("--metadata", help="JSONL with per-video captions (input.metadata); a path or a URI.")
+@click.option("--output", "-o", required=True, type=Location(),
+              help="Output directory, or an s3:// / gs:// prefix (S3-compatible stores through AWS_ENDPOINT_URL); "
+              "rerun to resume.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key, e.g. shots.backend=transnetv2.")
 @click.option("--address", help="Ray cluster to join (else RAY_ADDRESS, else an embedded local Ray).")
@@ -57,7 +60,7 @@ def curate_run(config_path, inputs, metadata, output, overrides, address, sequen
 
 @curate.command("refilter")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="New directory for the result.")
+@click.option("--output", "-o", required=True, type=Location(), help="New directory for the result.")
 @click.option("--set", "overrides", multiple=True, metavar="filters.KEY=VALUE",
               help="A new threshold, e.g. filters.instances.min_area=0.05; repeatable.")
 @user_errors

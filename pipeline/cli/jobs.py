@@ -74,11 +74,12 @@ def register(curate_group: click.Group) -> None:
     @curate_group.command("submit")
     @click.option("--config", "config_path", help="YAML recipe: a file inside the working directory travels with "
                   "the job (e.g. configs/gpu-cluster.yaml); any other path is read on the cluster.")
-    @click.option("--input", "inputs", multiple=True, help="Video file, directory or glob on the cluster's shared "
-                  "storage (absolute); repeatable.")
-    @click.option("--metadata", help="JSONL with per-video captions, on the cluster's shared storage (absolute).")
-    @click.option("--output", "-o", required=True, help="Output directory on the cluster's shared storage "
-                  "(absolute), written by the driver on the head; resubmit with the same --output to resume.")
+    @click.option("--input", "inputs", multiple=True, help="Video file, directory or glob: s3:// or gs:// URI, or "
+                  "an absolute path on the cluster's shared storage; repeatable.")
+    @click.option("--metadata", help="JSONL with per-video captions: a URI or an absolute shared path.")
+    @click.option("--output", "-o", required=True, help="Output: an s3:// or gs:// prefix, or an absolute directory "
+                  "on the cluster's shared storage; shards are written on the worker nodes, commits by the driver. "
+                  "Resubmit with the same --output to resume.")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key; repeatable.")
     @_address_option
     @click.option("--working-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),

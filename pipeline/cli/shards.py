@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 
 from pipeline.cli.console import err_console
+from pipeline.cli.params import Location
 from pipeline.core.errors import user_errors
 
 
@@ -18,7 +19,7 @@ def shards():
 
 
 @shards.command("stats")
-@click.argument("out_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dirs", nargs=-1, required=True, type=Location(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a list for several directories).")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False),
               help="Also write a self-contained HTML report with plots (funnel, distributions, filter scores).")
@@ -43,7 +44,7 @@ def shards_stats(out_dirs, as_json, html_path):
 
 
 @shards.command("verify")
-@click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=Location(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @user_errors
 def shards_verify(out_dir, as_json):
@@ -63,7 +64,7 @@ def shards_verify(out_dir, as_json):
 
 
 @shards.command("why")
-@click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=Location(exists=True))
 @click.argument("name")
 @user_errors
 def shards_why(out_dir, name):
@@ -71,15 +72,14 @@ def shards_why(out_dir, name):
     or its file name. Reads the ledger, so it answers while a run is still going. Exits 1 when nothing matches.
 
     Every input is in OUT_DIR/sources.parquet and every planned clip in OUT_DIR/clips.parquet."""
-    from pathlib import Path
-
     from pipeline.inspection.stats import StatsError
     from pipeline.store.accounting import why
-    from pipeline.store.ledger import LEDGER_NAME, Ledger
+    from pipeline.store.ledger import Ledger
 
-    if not (Path(out_dir) / LEDGER_NAME).exists():
-        raise StatsError(f"{out_dir}: no ledger.jsonl here; is it the --output directory of an `s2v curate run`?")
-    lines = why(Ledger(out_dir).read(), name)
+    ledger = Ledger(out_dir)
+    if not ledger.exists():
+        raise StatsError(f"{out_dir}: no ledger here; is it the --output directory of an `s2v curate run`?")
+    lines = why(ledger.read(), name)
     if not lines:
         click.echo(f"{name}: not in {out_dir} (no input path, file name, source id or clip key matches; a file "
                    "not yet committed, or skipped as already committed by an earlier run, is not listed)", err=True)
@@ -89,7 +89,7 @@ def shards_why(out_dir, name):
 
 
 @shards.command("show")
-@click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=Location(exists=True))
 @click.argument("key")
 @click.option("--out", "out_png", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
 @click.option("--frames", default=6, show_default=True, help="Frames of the clip to show.")

@@ -24,9 +24,10 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.core.errors import UserFacingError
-from pipeline.core.names import UnsafeName, check_key, shard_path
+from pipeline.core.names import UnsafeName, check_key, check_shard
+from pipeline.core.storage import Storage
 from pipeline.core.video import VideoError, iter_frames
-from pipeline.store.ledger import Ledger
+from pipeline.store.ledger import Ledger, as_storage
 from pipeline.store.shards import iter_members, read_shard_samples
 
 WIDTH = 1600
@@ -92,16 +93,15 @@ def contact_sheet(out_dir: str | Path, key: str, out_png: str | Path, frames: in
 def find_sample(out_dir: str | Path, key: str) -> Sample:
     """The sample `key` (or the one key that starts with it) from the shards index.json lists. Reads tar headers,
     then only that sample's members; manifest.parquet, when present, says which shard to open first."""
-    out = Path(out_dir)
+    out = as_storage(out_dir)
     try:
         check_key(key, "s2v shards show")
     except UnsafeName as exc:
         raise ContactSheetError(str(exc)) from None
-    index_path = out / "index.json"
-    if not index_path.is_file():
+    if out.info("index.json") is None:
         raise ContactSheetError(f"{out}: no index.json (not a finished `s2v curate run` output; a run still going "
                                 "writes it when it ends)")
-    shards = [e["url"] for e in json.loads(index_path.read_text()).get("shardlist", [])]
+    shards = [e["url"] for e in json.loads(out.read_text("index.json")).get("shardlist", [])]
     shards += sorted(Ledger(out).read().rejects)  # examples of dropped clips: not training data, not in index.json
     hint = _manifest_shard(out, key)
     order = ([hint] if hint in shards else []) + [s for s in shards if s != hint]
@@ -123,30 +123,30 @@ def find_sample(out_dir: str | Path, key: str) -> Sample:
     raise ContactSheetError(f"no sample with key {key!r} in the {len(shards)} shards of {out}{said}")
 
 
-def _manifest_shard(out: Path, key: str) -> str | None:
-    path = out / "manifest.parquet"
-    if not path.is_file():
+def _manifest_shard(out: Storage, key: str) -> str | None:
+    if out.info("manifest.parquet") is None:
         return None
-    table = pq.read_table(path, columns=["key", "shard"], filters=[("key", "=", key)])
+    with out.open_read("manifest.parquet") as f:
+        table = pq.read_table(f, columns=["key", "shard"], filters=[("key", "=", key)])
     return table.column("shard")[0].as_py() if table.num_rows else None
 
 
-def _shard_members(out: Path, shard: str) -> list[str]:
+def _shard_members(out: Storage, shard: str) -> list[str]:
     try:
-        path = shard_path(out, shard)
+        check_shard(shard, out)
     except UnsafeName as exc:
         raise ContactSheetError(f"index.json: {exc}") from None
-    if not path.is_file():
+    if out.info(shard) is None:
         return []
     try:
-        return [f"{key}.{part}" for key, part, _member, _read in iter_members(path, shard)]
+        return [f"{key}.{part}" for key, part, _member, _read in iter_members((out, shard), shard)]
     except (tarfile.TarError, OSError, UnsafeName):
         return []  # a damaged shard holds nothing showable; `s2v shards verify` says what is wrong with it
 
 
-def _read_sample(out: Path, shard: str, key: str) -> Sample:
+def _read_sample(out: Storage, shard: str, key: str) -> Sample:
     try:
-        parts = read_shard_samples(shard_path(out, shard), {key}).get(key, {})
+        parts = read_shard_samples((out, check_shard(shard, out)), {key}).get(key, {})
     except UnsafeName as exc:
         raise ContactSheetError(str(exc)) from None
     parts.pop("__key__", None)

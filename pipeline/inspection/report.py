@@ -17,6 +17,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from pipeline.core.storage import name as name_of
 from pipeline.inspection.stats import RunData, SampleFacts, clip_values, combine, load_run, pooled_facts
 
 # Sections in page order; "metrics" appears only when some sample has KEY.json stats.metrics.
@@ -228,7 +229,7 @@ def _per_dir(runs: list[RunData], values) -> dict[str, list[float]]:
     """One group per directory when there are several (stacked bars show who contributes what)."""
     if len(runs) == 1:
         return {"samples": values(runs[0])}
-    return {r.out_dir.name or str(r.out_dir): values(r) for r in runs}
+    return {name_of(r.out_dir) or r.out_dir: values(r) for r in runs}
 
 
 def clips_figure(runs: list[RunData], summary: dict) -> str:
@@ -441,7 +442,7 @@ def write_report(out_dirs: list, html_path: str | Path) -> Path:
     names = {}
     for r in runs:
         for run in r.state.runs:
-            names[run["run"]] = f"{r.out_dir.name}/{run['run']}" if len(runs) > 1 else run["run"]
+            names[run["run"]] = f"{name_of(r.out_dir)}/{run['run']}" if len(runs) > 1 else run["run"]
 
     parts = [
         _section("overview", "Overview",

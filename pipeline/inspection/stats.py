@@ -24,9 +24,10 @@ from rich.table import Table
 
 from pipeline.core.config import face_thresholds
 from pipeline.core.errors import UserFacingError
-from pipeline.core.names import UnsafeName, shard_path
+from pipeline.core.names import UnsafeName, check_shard
+from pipeline.core.storage import Storage
 from pipeline.store.funnel import Funnel, recorded_order
-from pipeline.store.ledger import LEDGER_NAME, SHARD_DIR, Ledger, LedgerState, own_sample_shards
+from pipeline.store.ledger import SHARD_DIR, Ledger, LedgerState, as_storage, own_sample_shards
 from pipeline.store.outputs import summarize
 from pipeline.store.shards import TMP_SUFFIX, iter_members
 
@@ -163,7 +164,7 @@ class RunData:
     """One output directory as committed now: the ledger state, the resolved config, the manifest rows of the
     committed own samples (key order), the facts of their KEY.json, and what could not be read."""
 
-    out_dir: Path
+    out_dir: str  # the output's path or URI
     state: LedgerState
     config: dict
     rows: list[dict]
@@ -189,20 +190,20 @@ def _merge(base: dict, over: dict) -> dict:
     return merged
 
 
-def read_config(out: Path) -> tuple[dict, str | None]:
+def read_config(out: Storage | Path) -> tuple[dict, str | None]:
     """config.yaml of the run over the defaults (so a key a later release added still has its value), and a note
     when the file is missing or unreadable (a run killed before it read its inputs has none)."""
-    path = out / "config.yaml"
-    if not path.exists():
+    out = as_storage(out)
+    if out.info("config.yaml") is None:
         return _defaults(), "no config.yaml: thresholds and ratios shown are the defaults"
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(out.read_text("config.yaml")) or {}
     except yaml.YAMLError as exc:
         return _defaults(), f"config.yaml unreadable ({exc}): thresholds and ratios shown are the defaults"
     return _merge(_defaults(), data if isinstance(data, dict) else {}), None
 
 
-def read_samples(out: Path, state: LedgerState, facts: SampleFacts) -> list[str]:
+def read_samples(out: Storage, state: LedgerState, facts: SampleFacts) -> list[str]:
     """Add the KEY.json of every committed own sample to `facts`; return the shards that could not be read. Only
     the json members are read: tar headers are walked, the other members skipped."""
     wanted = own_sample_shards(state)
@@ -210,7 +211,7 @@ def read_samples(out: Path, state: LedgerState, facts: SampleFacts) -> list[str]
     read = 0
     for shard in sorted(set(wanted.values())):
         try:
-            for key, part, _member, read_member in iter_members(shard_path(out, shard), shard):
+            for key, part, _member, read_member in iter_members((out, check_shard(shard, out)), shard):
                 if part == "json" and wanted.get(key) == shard:
                     facts.add(json.loads(read_member()))
                     read += 1
@@ -222,21 +223,23 @@ def read_samples(out: Path, state: LedgerState, facts: SampleFacts) -> list[str]
 
 
 def load_run(out_dir: str | Path) -> RunData:
-    out = Path(out_dir)
-    started = (out / "config.yaml").exists()  # a run writes it before its first commit
-    if not (out / LEDGER_NAME).exists() and not started:
-        raise StatsError(f"{out}: no ledger.jsonl here; is it the --output directory of an `s2v curate run`?")
-    state = Ledger(out).read()
+    out = as_storage(out_dir)
+    ledger = Ledger(out)
+    started = out.info("config.yaml") is not None  # a run writes it before its first commit
+    committed = ledger.exists()
+    if not committed and not started:
+        raise StatsError(f"{out}: no ledger here; is it the --output directory of an `s2v curate run`?")
+    state = ledger.read()
     config, note = read_config(out)
-    if not (out / LEDGER_NAME).exists():
-        note = "a run started here but has committed nothing yet (no ledger.jsonl)"
+    if not committed:
+        note = "a run started here but has committed nothing yet (no ledger)"
     rows = sorted((row for entry in state.sources.values() for row in entry.get("samples", [])),
                   key=lambda r: r["key"])
     facts = SampleFacts()
     problems = read_samples(out, state, facts)
-    shard_dir = out / SHARD_DIR
-    uncommitted = sorted(p.name for p in shard_dir.glob(f"*{TMP_SUFFIX}")) if shard_dir.is_dir() else []
-    return RunData(out, state, config, rows, facts, uncommitted, ([note] if note else []) + problems)
+    # Shards being written (POSIX: under a temporary name; an object appears only when complete).
+    uncommitted = sorted(e.rel.rsplit("/", 1)[-1] for e in out.list(SHARD_DIR) if e.rel.endswith(TMP_SUFFIX))
+    return RunData(out.uri, state, config, rows, facts, uncommitted, ([note] if note else []) + problems)
 
 
 def clip_values(rows: list[dict]) -> dict[str, list[float]]:

@@ -37,8 +37,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from pipeline.core.names import CROSS_PREFIX, KEY_SUFFIX, UnsafeName, check_key, check_part, shard_path
-from pipeline.store.ledger import LEDGER_NAME, SHARD_DIR, Ledger
+from pipeline.core.names import CROSS_PREFIX, KEY_SUFFIX, UnsafeName, check_key, check_part, check_shard
+from pipeline.core.storage import Storage
+from pipeline.store.ledger import LEDGER_NAME, SHARD_DIR, Ledger, as_storage
 from pipeline.store.shards import TMP_SUFFIX
 
 BLOCK = 512  # tar block size
@@ -92,6 +93,7 @@ class _ShardContent:
     keys: list[str] = field(default_factory=list)
     sha256: str = ""
     readable: bool = True
+    size: int = 0
 
 
 class _HashingReader(io.RawIOBase):
@@ -119,8 +121,8 @@ def verify(out_dir: str | Path, console: Console | None = None) -> list[Problem]
 def verify_output(out_dir: str | Path, console: Console | None = None) -> Verification:
     """Check `out_dir` (the --output of a run) as the module docstring lists. A progress bar over shards goes to
     `console` when given. Never modifies anything."""
-    out = Path(out_dir)
-    result = Verification(str(out))
+    out = as_storage(out_dir)
+    result = Verification(out.uri)
     problems = result.problems
     index, total = _read_index(out, problems)
     if index is None:
@@ -140,7 +142,7 @@ def verify_output(out_dir: str | Path, console: Console | None = None) -> Verifi
             progress.update(task, shard=url or "")
             if url and url not in contents:
                 try:
-                    path = shard_path(out, url)
+                    check_shard(url, out)
                 except UnsafeName as exc:  # never open a path index.json could point anywhere
                     problems.append(Problem("bad_index", str(exc), shard=str(url)))
                     contents[url] = _ShardContent(readable=False)
@@ -148,7 +150,7 @@ def verify_output(out_dir: str | Path, console: Console | None = None) -> Verifi
                     continue
                 contents[url] = _check_shard(out, entry, problems)
                 result.shards += 1
-                result.bytes += path.stat().st_size if path.is_file() else 0
+                result.bytes += contents[url].size
             progress.advance(task)
 
     where = _check_duplicates(contents, problems)
@@ -173,19 +175,19 @@ def print_verification(result: Verification, console: Console) -> None:
 # index.json and the shards directory
 
 
-def _read_index(out: Path, problems: list[Problem]) -> tuple[list[dict] | None, int | None]:
+def _read_index(out: Storage, problems: list[Problem]) -> tuple[list[dict] | None, int | None]:
     """index.json's shard list and total_samples."""
-    path = out / "index.json"
-    if not out.is_dir():
+    local = out.local_path()
+    if local is not None and not local.is_dir():
         problems.append(Problem("no_output", f"{out} is not a directory"))
         return None, None
-    if not path.is_file():
-        hint = " (a run is going or was killed before it finished: resume it)" if (out / LEDGER_NAME).exists() else \
+    if out.info("index.json") is None:
+        hint = " (a run is going or was killed before it finished: resume it)" if Ledger(out).exists() else \
             " (is it the --output directory of an `s2v curate run`?)"
         problems.append(Problem("no_index", f"no index.json in {out}{hint}"))
         return None, None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(out.read_text("index.json"))
         shardlist = data["shardlist"]
         if not isinstance(shardlist, list) or not all(isinstance(e, dict) for e in shardlist):
             raise TypeError("shardlist is not a list of objects")
@@ -207,15 +209,12 @@ def _check_index_entries(index: list[dict], problems: list[Problem]) -> None:
         seen.add(url)
 
 
-def _check_unlisted_files(out: Path, listed: set[str], problems: list[Problem]) -> None:
-    shard_dir = out / SHARD_DIR
-    if not shard_dir.is_dir():
-        return
-    for path in sorted(shard_dir.iterdir()):
-        rel = f"{SHARD_DIR}/{path.name}"
+def _check_unlisted_files(out: Storage, listed: set[str], problems: list[Problem]) -> None:
+    for entry in out.list(SHARD_DIR):
+        rel = entry.rel
         if rel in listed:
             continue
-        if path.name.endswith(TMP_SUFFIX):
+        if rel.endswith(TMP_SUFFIX):
             problems.append(Problem("uncommitted_shard", "a shard being written (a run is going, or was killed: "
                                     "resume it)", shard=rel))
         else:
@@ -226,24 +225,24 @@ def _check_unlisted_files(out: Path, listed: set[str], problems: list[Problem]) 
 # One shard
 
 
-def _check_shard(out: Path, entry: dict, problems: list[Problem]) -> _ShardContent:
+def _check_shard(out: Storage, entry: dict, problems: list[Problem]) -> _ShardContent:
     url = entry["url"]
-    path = out / url
+    info = out.info(url)
     content = _ShardContent()
-    if not path.is_file():
+    if info is None:
         problems.append(Problem("missing_shard", "listed in index.json but not on disk", shard=url))
         content.readable = False
         return content
-    size = path.stat().st_size
+    size = content.size = info.size
     if entry.get("filesize") is not None and size != entry["filesize"]:
         problems.append(Problem("size_mismatch", f"{size} bytes on disk, index.json says {entry['filesize']}",
                                 shard=url))
-    structure = _tar_structure(path, size)
+    structure = _tar_structure(out, url, size)
     if structure:
         problems.append(Problem("truncated_tar", structure, shard=url))
         content.readable = False
 
-    with open(path, "rb", buffering=1 << 20) as f:
+    with out.open_read(url) as f:
         reader = _HashingReader(f)
         stream = io.BufferedReader(reader, 1 << 20)
         samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}], eof_value=None))
@@ -269,13 +268,13 @@ def _check_shard(out: Path, entry: dict, problems: list[Problem]) -> _ShardConte
     return content
 
 
-def _tar_structure(path: Path, size: int) -> str | None:
-    """Why `path` is not a whole tar archive, or None. Reads headers only (plus the final blocks)."""
+def _tar_structure(out: Storage, url: str, size: int) -> str | None:
+    """Why shard `url` is not a whole tar archive, or None. Reads headers only (plus the final blocks)."""
     if size % BLOCK:
         return f"{size} bytes is not a whole number of {BLOCK}-byte tar blocks (cut short?)"
     end = 0
     try:
-        with tarfile.open(path, "r:") as tar:
+        with out.open_read(url) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 if member.offset_data + member.size > size:
                     return (f"member {member.name} needs {member.offset_data + member.size} bytes, the file has "
@@ -283,7 +282,7 @@ def _tar_structure(path: Path, size: int) -> str | None:
                 end = member.offset_data + -(-member.size // BLOCK) * BLOCK
     except tarfile.TarError as exc:
         return f"not a readable tar ({exc})"
-    with open(path, "rb") as f:
+    with out.open_read(url) as f:
         f.seek(end)
         tail = f.read(2 * BLOCK)
     if len(tail) < 2 * BLOCK or tail.count(0) != len(tail):
@@ -371,13 +370,13 @@ def _check_duplicates(contents: dict[str, _ShardContent], problems: list[Problem
     return {key: urls[0] for key, urls in seen.items()}
 
 
-def _check_manifest(out: Path, where: dict[str, str], unreadable: set[str], problems: list[Problem]) -> None:
-    path = out / "manifest.parquet"
-    if not path.is_file():
+def _check_manifest(out: Storage, where: dict[str, str], unreadable: set[str], problems: list[Problem]) -> None:
+    if out.info("manifest.parquet") is None:
         problems.append(Problem("no_manifest", "no manifest.parquet"))
         return
     try:
-        table = pq.read_table(path, columns=["key", "shard"]).to_pylist()
+        with out.open_read("manifest.parquet") as f:
+            table = pq.read_table(f, columns=["key", "shard"]).to_pylist()
     except Exception as exc:  # noqa: BLE001 -- pyarrow raises several types for a damaged or foreign file
         problems.append(Problem("bad_manifest", f"manifest.parquet cannot be read ({type(exc).__name__}: {exc})"))
         return
@@ -399,11 +398,13 @@ def _check_manifest(out: Path, where: dict[str, str], unreadable: set[str], prob
                                     key=key))
 
 
-def _check_ledger(out: Path, index: list[dict], contents: dict[str, _ShardContent], problems: list[Problem]) -> None:
-    if not (out / LEDGER_NAME).is_file():
+def _check_ledger(out: Storage, index: list[dict], contents: dict[str, _ShardContent],
+                  problems: list[Problem]) -> None:
+    ledger = Ledger(out)
+    if not ledger.exists():
         problems.append(Problem("no_ledger", f"no {LEDGER_NAME}: the commit log is the source of truth for resume"))
         return
-    state = Ledger(out).read()
+    state = ledger.read()
     committed: dict[str, dict] = {name: {"nsamples": e["nsamples"], "bytes": e["bytes"], "sha256": e["sha256"],
                                          "keys": e.get("keys")} for name, e in state.shards.items()}
     if state.cross:

@@ -29,10 +29,11 @@ import yaml
 from rich.console import Console
 
 from pipeline.core.config import ConfigError, RunConfig, build_config, parse_override
-from pipeline.core.names import shard_path
+from pipeline.core.names import check_shard
+from pipeline.core.storage import Storage
 from pipeline.postpass.cross_pairs import build_cross_pairs
 from pipeline.store.assemble import reference_counts
-from pipeline.store.ledger import Ledger, LedgerState
+from pipeline.store.ledger import Ledger, LedgerState, as_storage
 from pipeline.store.outputs import write_outputs
 from pipeline.store.shards import ShardSink, read_shard_samples, sample_json
 from stages.instances import decide_instances
@@ -42,12 +43,12 @@ from stages.tracking import REFERENCE_FIELDS, apply_track_decisions
 REFILTERABLE = "filters."
 
 
-def load_run_config(src: Path, overrides: list[str]) -> tuple[RunConfig, str]:
+def load_run_config(src: Storage | Path, overrides: list[str]) -> tuple[RunConfig, str]:
     """The source run's config with `filters.*` overrides applied, and the source's config hash."""
-    saved = src / "config.yaml"
-    if not saved.is_file():
+    src = as_storage(src)
+    if src.info("config.yaml") is None:
         raise ConfigError(f"{src} holds no finished run (no config.yaml); pass the --output of `s2v curate run`")
-    data = yaml.safe_load(saved.read_text()) or {}
+    data = yaml.safe_load(src.read_text("config.yaml")) or {}
     old_hash = data.pop("config_hash", None)
     data.pop("pipeline_version", None)
     for text in overrides:
@@ -119,21 +120,20 @@ def _counts_of(meta: dict) -> dict:
 def refilter(src_dir: str | Path, dst_dir: str | Path, overrides: list[str], console: Console | None = None) -> dict:
     """Write DST: SRC's samples re-decided under `filters.*` overrides. Returns DST's summary plus `refilter` counts."""
     console = console or Console(stderr=True)
-    src, dst = Path(src_dir), Path(dst_dir)
-    if not (src / "ledger.jsonl").is_file():
-        raise ConfigError(f"{src} holds no curated run (no ledger.jsonl)")
-    if dst.resolve() == src.resolve():
+    src, dst = as_storage(src_dir), as_storage(dst_dir)
+    if not Ledger(src).exists():
+        raise ConfigError(f"{src} holds no curated run (no ledger)")
+    if dst.uri == src.uri:
         raise ConfigError("refilter writes a new directory: give an --output other than the source run")
-    if dst.exists() and any(dst.iterdir()):
+    if next(dst.list(), None) is not None:
         raise ConfigError(f"{dst} is not empty: give refilter a new --output directory")
     config, old_hash = load_run_config(src, overrides)
     state = Ledger(src).read()
 
-    dst.mkdir(parents=True, exist_ok=True)
-    body = {"config_hash": config.hash(), "refiltered_from": {"run": str(src), "config_hash": old_hash,
+    body = {"config_hash": config.hash(), "refiltered_from": {"run": src.uri, "config_hash": old_hash,
                                                                "overrides": list(overrides)},
             **config.model_dump(mode="json")}
-    (dst / "config.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
+    dst.write_text("config.yaml", yaml.safe_dump(body, sort_keys=False))
     ledger = Ledger(dst)
     for entry in [*state.input_errors.values(), *state.duplicates.values()]:
         ledger.append(entry)
@@ -143,7 +143,7 @@ def refilter(src_dir: str | Path, dst_dir: str | Path, overrides: list[str], con
     buffered: dict[str, dict] = {}
     # Shards in commit order; a shard's line names the sources it completes, so memory holds about one shard.
     for shard, shard_entry in state.shards.items():
-        buffered.update(read_shard_samples(shard_path(src, shard)))
+        buffered.update(read_shard_samples((src, check_shard(shard, src))))
         for source in shard_entry.get("sources", []):
             kept += _refilter_source(source, buffered, config, sink, dropped)
             done.add(source["source_id"])
@@ -153,7 +153,7 @@ def refilter(src_dir: str | Path, dst_dir: str | Path, overrides: list[str], con
     sink.close()
     for run in state.runs:
         ledger.append(run)
-    line = {"type": "refilter", "from": str(src), "from_config_hash": old_hash, "config_hash": config.hash(),
+    line = {"type": "refilter", "from": src.uri, "from_config_hash": old_hash, "config_hash": config.hash(),
             "overrides": list(overrides), "kept": kept, "dropped": dict(dropped)}
     ledger.append(line)
     after = ledger.read()

@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from pipeline.core.errors import UserFacingError
+from pipeline.core.storage import is_remote
 
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -128,12 +129,15 @@ def curate_entrypoint(config: str | None, inputs: list[str], metadata: str | Non
 
 
 def check_cluster_paths(inputs: list[str], metadata: str | None, output: str) -> None:
-    """The job's working directory is a temporary copy on the head: a relative path would point into it."""
+    """The job's working directory is a temporary copy on the head: a relative path would point into it. URIs
+    (s3://, gs://) name the same objects from every node."""
     named = [("--input", p) for p in inputs] + [("--metadata", metadata), ("--output", output)]
-    relative = [f"{option} {path}" for option, path in named if path and not PurePosixPath(path).is_absolute()]
+    relative = [f"{option} {path}" for option, path in named
+                if path and not is_remote(path) and not PurePosixPath(path).is_absolute()]
     if relative:
         raise JobsError(f"{', '.join(relative)}: paths of a submitted job are opened on the cluster and must be "
-                        "absolute, on storage every node mounts at the same path (e.g. /mnt/shared/videos)")
+                        "absolute, on storage every node mounts at the same path (e.g. /mnt/shared/videos), or "
+                        "object-store URIs (s3://BUCKET/PREFIX, gs://...)")
 
 
 def config_for_job(config: str | None, working_dir: Path | None) -> str | None:
@@ -210,7 +214,7 @@ def build_runtime_env(working_dir: Path | None, excludes: list[str], max_file_mb
 
 def default_submission_id(output: str, now: float | None = None) -> str:
     """`s2v-<output dir name>-<local time>`: readable in `ray job list` and the dashboard, unique per second."""
-    name = re.sub(r"[^A-Za-z0-9_-]+", "-", PurePosixPath(output).name).strip("-") or "out"
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", PurePosixPath(output.rstrip("/")).name).strip("-") or "out"
     return f"s2v-{name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
 
 

@@ -88,15 +88,16 @@ def test_tables_are_written_and_why_answers_in_one_line(tmp_path):
 
 def test_rejects_shards_commit_by_their_own_line_and_debris_is_removed(tmp_path):
     from pipeline.core.config import OutputConfig
-    from pipeline.core.record import Record
     from pipeline.store.assemble import RejectSampler
-    from pipeline.store.shards import RejectsSink, read_shard_samples
+    from pipeline.store.shards import InlineTasks, ShardAssembler, read_shard_samples, stage_sample
 
     ledger = Ledger(tmp_path)
-    sink = RejectsSink(tmp_path, OutputConfig(shard_max_samples=1), ledger, ledger.read())
-    samples = [{"__key__": f"k{i}", "json": b"{}", "mp4": b"v"} for i in range(3)]
-    sink.add(samples, {"k0": "quality_filter/too_dark", "k1": "quality_filter/too_dark", "k2": "consolidation/x"})
-    sink.close()
+    rejects = ShardAssembler(tmp_path, OutputConfig(shard_max_samples=1), ledger, 0, InlineTasks(), kind="rejects")
+    staged = [(f"k{i}", stage_sample(tmp_path, "run", {"__key__": f"k{i}", "json": b"{}", "mp4": b"v"}))
+              for i in range(3)]
+    rejects.add_source(None, staged, {"k0": "quality_filter/too_dark", "k1": "quality_filter/too_dark",
+                                      "k2": "consolidation/x"})
+    rejects.close()
     (tmp_path / "rejects" / "rejects-000009.tar.tmp").write_bytes(b"half")
     (tmp_path / "rejects" / "stray.tar").write_bytes(b"not ours")
     state = ledger.recover()
@@ -106,10 +107,11 @@ def test_rejects_shards_commit_by_their_own_line_and_debris_is_removed(tmp_path)
     assert read_shard_samples(tmp_path / "rejects" / "rejects-000001.tar")["k1"]["mp4"] == b"v"
     # A resumed run tops the counts up from the committed ones and never keeps a committed key again.
     sampler = RejectSampler(2, state.rejects)
-    dark = Record(kind="clip", source_path="x", key="k3", drop={"stage": "quality_filter", "reason": "too_dark"})
-    again = Record(kind="clip", source_path="x", key="k2", drop={"stage": "consolidation", "reason": "x"})
-    other = Record(kind="clip", source_path="x", key="k4", drop={"stage": "consolidation", "reason": "x"})
-    for record in (dark, again, other):
-        record.put_bytes("mp4", b"v")
-    assert sampler.take(dark) is None and sampler.take(again) is None
-    assert sampler.take(other) == "consolidation/x"
+
+    def staged_example(key: str, reason: str) -> dict:
+        return {"key": key, "reject": {"reason": reason, "staged": {"rel": "x", "bytes": 1}}}
+
+    assert sampler.take(staged_example("k3", "quality_filter/too_dark")) is None
+    assert sampler.take(staged_example("k2", "consolidation/x")) is None
+    assert sampler.take(staged_example("k4", "consolidation/x")) == "consolidation/x"
+    assert sampler.take({"key": "k5", "reject": None}) is None  # the worker staged no example of it

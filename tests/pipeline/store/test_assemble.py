@@ -1,15 +1,19 @@
-"""Assembling sources on the driver: records arrive in any order, kept clips are spooled to disk as they come, and
-a source's entry and samples come out in key order once all of its clips are in."""
+"""From finished records to committed shards: the worker stages each kept sample and sends a digest, the driver
+assembles a source from digests arriving in any order, and whole sources become shards written by tasks."""
 
 from __future__ import annotations
 
+import json
 import random
-import tarfile
 
 import numpy as np
+import pytest
 
+from pipeline.core.config import OutputConfig
 from pipeline.core.record import Record
-from pipeline.store.assemble import SourceCollector
+from pipeline.store.assemble import DIGEST_MAX_BYTES, SampleStager, SourceCollector, record_digest
+from pipeline.store.ledger import STAGING_DIR, Ledger
+from pipeline.store.shards import InlineTasks, ShardAssembler, read_shard_samples
 
 PROBE = {"duration_s": 12.0, "fps": 24.0, "width": 64, "height": 48}
 
@@ -31,12 +35,16 @@ def clip(source: str, index: int, planned: int, status: str = "kept") -> Record:
     return record
 
 
-def test_a_source_is_handed_back_whole_in_key_order_whatever_order_its_clips_arrive(tmp_path):
-    collector = SourceCollector(tmp_path / "spool", "hash")
+def test_a_source_is_handed_back_whole_in_key_order_and_only_digests_reach_the_driver(tmp_path):
+    stager = SampleStager(str(tmp_path), "run1", "hash", rejects_per_reason=1)
+    collector = SourceCollector()
     records = [clip("a.mp4", i, 5, status) for i, status in
                enumerate(["kept", "dropped", "kept", "failed", "kept"])]
     random.Random(3).shuffle(records)
-    assemblies = [collector.add(r) for r in records]
+    light = [stager.finish(r) for r in records]
+    for record in light:  # what travels back: no media, a digest well under the bound
+        assert record.blobs == {} and len(json.dumps(record.meta)) < 4096
+    assemblies = [collector.add(r) for r in light]
     assert assemblies[:4] == [None] * 4 and assemblies[4] is not None
     assembly = assemblies[4]
     entry = assembly.entry("run1")
@@ -49,34 +57,91 @@ def test_a_source_is_handed_back_whole_in_key_order_whatever_order_its_clips_arr
     assert entry["timings"] == {"probe": 2.5} and entry["warnings"] == [{"stage": "probe", "message": "odd"}]
     assert (entry["status"], entry["duration_s"], entry["run"]) == ("curated", 12.0, "run1")
 
-    samples = assembly.samples
-    assert len(samples) == 3 and assembly.samples.path.is_file()
-    assert samples.nbytes == sum(len(v) for s in samples for k, v in s.items() if k != "__key__")
-    read = list(samples)
-    assert [s["__key__"] for s in read] == [keys[0], keys[2], keys[4]]
-    for sample, index in zip(read, (0, 2, 4)):
-        assert sample["mp4"] == bytes([index]) * (1000 + index)
+    # Each kept sample was written by the worker, as a one-sample tar under the staging area.
+    staged = assembly.staged_samples()
+    assert [k for k, _ in staged] == [keys[0], keys[2], keys[4]]
+    for key, part in staged:
+        assert part["rel"] == f"{STAGING_DIR}/run1/{key}.tar" and (tmp_path / part["rel"]).is_file()
+        sample = read_shard_samples(tmp_path / part["rel"])[key]
         assert set(sample) == {"__key__", "mp4", "json", "bg.png"}
-    # The spool is a plain tar of the samples' files, and goes once the source is handed on.
-    with tarfile.open(samples.path) as tar:
-        assert len(tar.getnames()) == 9
-    samples.discard()
-    assert not samples.path.exists()
+        assert part["bytes"] == sum(len(v) for k, v in sample.items() if k != "__key__")
+    # The dropped clip was staged as an example (rejects_per_reason=1), not as a sample; with no sampler on this
+    # collector the driver keeps none of them (the run deletes the staging area at its end).
+    assert (tmp_path / STAGING_DIR / "run1" / f"{keys[1]}.tar").is_file() and assembly.staged_rejects() == []
+
+    # The driver groups whole sources into a shard; a task (here: inline) assembles it and deletes the staged files.
+    ledger = Ledger(tmp_path)
+    shards = ShardAssembler(tmp_path, OutputConfig(), ledger, 0, InlineTasks())
+    shards.add_source(entry, staged)
+    assert shards.poll() == []  # nothing dispatched yet: the group stays open for more sources
+    shards.close()
+    state = ledger.read()
+    assert list(state.shards) == ["shards/train-000000.tar"] and state.sources["a.mp4-id"]["samples"][0]["shard"] == \
+        "shards/train-000000.tar"
+    written = read_shard_samples(tmp_path / "shards" / "train-000000.tar")
+    assert list(written) == [keys[0], keys[2], keys[4]]
+    assert written[keys[2]]["mp4"] == bytes([2]) * 1002
+    assert state.shards["shards/train-000000.tar"]["written_by"]["pid"] > 0
+    assert not any((tmp_path / part["rel"]).exists() for _, part in staged)
     assert collector.incomplete() == {}
 
 
 def test_sources_interleave_and_a_source_record_is_whole_at_once(tmp_path):
-    collector = SourceCollector(tmp_path / "spool", "hash")
+    stager = SampleStager(str(tmp_path), "r", "hash", 0)
+    collector = SourceCollector()
     rejected = Record(kind="source", source_path="c.mp4", source_id="c-id", meta={"source": {"size": 1}})
     rejected.fail("probe", "unreadable", "c.mp4: cannot read")
-    assert collector.add(clip("a.mp4", 0, 2)) is None
-    assert collector.add(clip("b.mp4", 0, 2)) is None
-    whole = collector.add(rejected)
-    assert whole.entry("r")["status"] == "rejected" and len(whole.samples) == 0
-    assert collector.add(clip("a.mp4", 0, 2)) is None  # the same clip delivered twice counts once
+    assert collector.add(stager.finish(clip("a.mp4", 0, 2))) is None
+    assert collector.add(stager.finish(clip("b.mp4", 0, 2))) is None
+    whole = collector.add(stager.finish(rejected))
+    assert whole.entry("r")["status"] == "rejected" and whole.staged_samples() == []
+    assert collector.add(stager.finish(clip("a.mp4", 0, 2))) is None  # the same clip delivered twice counts once
     assert set(collector.incomplete()) == {"a.mp4", "b.mp4"}
     assert collector.incomplete()["a.mp4"].arrived == 1
-    done = collector.add(clip("b.mp4", 1, 2))
-    assert (done.entry("r")["path"] == "b.mp4"
-            and [s["__key__"] for s in done.samples] == ["bsrc-0000000", "bsrc-0000001"])
+    done = collector.add(stager.finish(clip("b.mp4", 1, 2)))
+    assert done.entry("r")["path"] == "b.mp4" and [k for k, _ in done.staged_samples()] == ["bsrc-0000000",
+                                                                                            "bsrc-0000001"]
     assert set(collector.incomplete()) == {"a.mp4"}
+
+
+def test_a_source_larger_than_a_shard_commits_in_one_group_of_several_shards(tmp_path):
+    stager = SampleStager(str(tmp_path), "r", "hash", 0)
+    collector = SourceCollector()
+    for i in range(5):
+        assembly = collector.add(stager.finish(clip("a.mp4", i, 5)))
+    small = OutputConfig(shard_max_samples=2)
+    ledger = Ledger(tmp_path)
+    shards = ShardAssembler(tmp_path, small, ledger, 0, InlineTasks())
+    shards.add_source(assembly.entry("r"), assembly.staged_samples())
+    shards.close()
+    lines = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert [(e["shard"], e["nsamples"], len(e["sources"])) for e in lines] == [
+        ("shards/train-000000.tar", 2, 0), ("shards/train-000001.tar", 2, 0), ("shards/train-000002.tar", 1, 1)]
+
+
+def test_a_digest_stays_under_its_bound_however_much_a_stage_wrote():
+    record = clip("a.mp4", 0, 1)
+    for i in range(5000):
+        record.warn("faces", f"warning {i} " + "x" * 500)
+    record.fail("faces", "exception", "y" * 200_000)
+    digest = record_digest(record)
+    assert len(json.dumps(digest)) <= DIGEST_MAX_BYTES
+    assert digest["warnings"][-1]["message"] == "4981 more warnings cut"
+    assert digest["errors"][0]["message"] == "y" * 1000
+
+
+def test_a_failed_shard_write_leaves_its_sources_uncommitted(tmp_path):
+    stager = SampleStager(str(tmp_path), "r", "hash", 0)
+    collector = SourceCollector()
+    assembly = collector.add(stager.finish(clip("a.mp4", 0, 1)))
+    (tmp_path / STAGING_DIR / "r" / "asrc-0000000.tar").unlink()  # the staged sample is gone
+    failures = []
+    ledger = Ledger(tmp_path)
+    shards = ShardAssembler(tmp_path, OutputConfig(), ledger, 0, InlineTasks(),
+                            on_failure=lambda sources, exc: failures.append((sources, exc)))
+    shards.add_source(assembly.entry("r"), assembly.staged_samples())
+    shards.close()
+    assert len(failures) == 1 and failures[0][0][0]["path"] == "a.mp4"
+    assert ledger.read().sources == {} and not (tmp_path / "shards" / "train-000000.tar").exists()
+    with pytest.raises(FileNotFoundError):
+        read_shard_samples(tmp_path / STAGING_DIR / "r" / "asrc-0000000.tar")
