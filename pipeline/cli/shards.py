@@ -78,7 +78,7 @@ def shards_why(out_dir, name):
 
     ledger = Ledger(out_dir)
     if not ledger.exists():
-        raise StatsError(f"{out_dir}: no ledger here; is it the --output directory of an `s2v curate run`?")
+        raise StatsError(f"{out_dir}: no {ledger.name} here; is it the --output directory of an `s2v curate run`?")
     lines = why(ledger.read(), name)
     if not lines:
         click.echo(f"{name}: not in {out_dir} (no input path, file name, source id or clip key matches; a file "

@@ -228,11 +228,11 @@ def load_run(out_dir: str | Path) -> RunData:
     started = out.info("config.yaml") is not None  # a run writes it before its first commit
     committed = ledger.exists()
     if not committed and not started:
-        raise StatsError(f"{out}: no ledger here; is it the --output directory of an `s2v curate run`?")
+        raise StatsError(f"{out}: no {ledger.name} here; is it the --output directory of an `s2v curate run`?")
     state = ledger.read()
     config, note = read_config(out)
     if not committed:
-        note = "a run started here but has committed nothing yet (no ledger)"
+        note = f"a run started here but has committed nothing yet (no {ledger.name})"
     rows = sorted((row for entry in state.sources.values() for row in entry.get("samples", [])),
                   key=lambda r: r["key"])
     facts = SampleFacts()

@@ -39,7 +39,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.core.names import CROSS_PREFIX, KEY_SUFFIX, UnsafeName, check_key, check_part, check_shard
 from pipeline.core.storage import Storage
-from pipeline.store.ledger import LEDGER_NAME, SHARD_DIR, Ledger, as_storage
+from pipeline.store.ledger import SHARD_DIR, Ledger, as_storage
 from pipeline.store.shards import TMP_SUFFIX
 
 BLOCK = 512  # tar block size
@@ -402,7 +402,7 @@ def _check_ledger(out: Storage, index: list[dict], contents: dict[str, _ShardCon
                   problems: list[Problem]) -> None:
     ledger = Ledger(out)
     if not ledger.exists():
-        problems.append(Problem("no_ledger", f"no {LEDGER_NAME}: the commit log is the source of truth for resume"))
+        problems.append(Problem("no_ledger", f"no {ledger.name}: the commit log is the source of truth for resume"))
         return
     state = ledger.read()
     committed: dict[str, dict] = {name: {"nsamples": e["nsamples"], "bytes": e["bytes"], "sha256": e["sha256"],

@@ -121,8 +121,8 @@ def refilter(src_dir: str | Path, dst_dir: str | Path, overrides: list[str], con
     """Write DST: SRC's samples re-decided under `filters.*` overrides. Returns DST's summary plus `refilter` counts."""
     console = console or Console(stderr=True)
     src, dst = as_storage(src_dir), as_storage(dst_dir)
-    if not Ledger(src).exists():
-        raise ConfigError(f"{src} holds no curated run (no ledger)")
+    if not (source_ledger := Ledger(src)).exists():
+        raise ConfigError(f"{src} holds no curated run (no {source_ledger.name})")
     if dst.uri == src.uri:
         raise ConfigError("refilter writes a new directory: give an --output other than the source run")
     if next(dst.list(), None) is not None:

@@ -85,6 +85,11 @@ class Ledger:
         self.path = self.out_dir / LEDGER_NAME if self.out_dir is not None else None
         self._next_segment: int | None = None
 
+    @property
+    def name(self) -> str:
+        """What the log is called in messages: ledger.jsonl, or ledger/ on an object store."""
+        return f"{SEGMENT_DIR}/" if self.remote else LEDGER_NAME
+
     def exists(self) -> bool:
         """Has anything been committed here?"""
         if self.remote:
