@@ -59,8 +59,9 @@ def curate_run(config_path, inputs, metadata, output, overrides, address, sequen
 
 
 @curate.command("refilter")
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--output", "-o", required=True, type=Location(), help="New directory for the result.")
+@click.argument("run_dir", type=Location(exists=True))
+@click.option("--output", "-o", required=True, type=Location(),
+              help="New directory (or s3:// / gs:// prefix) for the result.")
 @click.option("--set", "overrides", multiple=True, metavar="filters.KEY=VALUE",
               help="A new threshold, e.g. filters.instances.min_area=0.05; repeatable.")
 @user_errors

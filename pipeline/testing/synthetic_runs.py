@@ -18,7 +18,7 @@ from skimage import data
 
 from pipeline.core.config import OutputConfig, RunConfig
 from pipeline.postpass.cross_pairs import build_cross_pairs
-from pipeline.store.ledger import Ledger
+from pipeline.store.ledger import Ledger, as_storage
 from pipeline.store.shards import ShardSink, image_png, mask_png, npy_bytes, sample_json
 
 CLIPS_PER_SOURCE = 5
@@ -195,7 +195,9 @@ def synthetic_run(out: Path, sources, shard_max_samples: int = 64, metrics: bool
     return out
 
 
-def sample_set(out: Path) -> dict[str, tuple]:
-    """Each sample's key with what defines it (clip span, references), minus run-specific fields."""
-    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+def sample_set(out) -> dict[str, tuple]:
+    """Each sample's key with what defines it (clip span, references), minus run-specific fields. `out`: a path or
+    a URI."""
+    with as_storage(out).open_read("manifest.parquet") as f:
+        rows = pq.read_table(f).to_pylist()
     return {r["key"]: (r["start_s"], r["end_s"], r["num_frames"], r["subjects"], r["caption"]) for r in rows}
