@@ -138,6 +138,10 @@ class Storage:
         """The POSIX path of `rel`, or None for an object store."""
         return None
 
+    def download(self, rel: str, dest: Path) -> None:
+        """Copy `rel` to the local file `dest` (its folder is made), streamed."""
+        raise NotImplementedError
+
     # --- writing -------------------------------------------------------------------------------------------------
     @contextmanager
     def open_write(self, rel: str) -> Iterator[BinaryIO]:
@@ -217,6 +221,10 @@ class LocalStorage(Storage):
     @contextmanager
     def local_copy(self, rel: str, scratch: str | None = None) -> Iterator[Path]:
         yield self._path(rel)
+
+    def download(self, rel: str, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self._path(rel), dest)
 
     @contextmanager
     def open_write(self, rel: str) -> Iterator[BinaryIO]:
@@ -375,24 +383,28 @@ class ObjectStorage(Storage):
 
     @contextmanager
     def local_copy(self, rel: str, scratch: str | None = None) -> Iterator[Path]:
-        import obstore
-
-        suffix = Path(rel).suffix
-        fd, tmp = tempfile.mkstemp(prefix="s2v-", suffix=suffix, dir=scratch)
+        fd, tmp = tempfile.mkstemp(prefix="s2v-", suffix=Path(rel).suffix, dir=scratch)
+        os.close(fd)
         try:
-            with os.fdopen(fd, "wb") as f:
-                try:
-                    for chunk in obstore.get(self.store, self._key(rel)):  # streamed, never whole in memory
-                        f.write(chunk)
-                except FileNotFoundError:
-                    raise FileNotFoundError(join(self.uri, rel)) from None
-                except OSError:
-                    raise
-                except Exception as exc:
-                    raise self._fail(exc, rel, "download it") from None
+            self.download(rel, Path(tmp))
             yield Path(tmp)
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+    def download(self, rel: str, dest: Path) -> None:
+        import obstore
+
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest, "wb") as f:
+            try:
+                for chunk in obstore.get(self.store, self._key(rel)):  # streamed, never whole in memory
+                    f.write(chunk)
+            except FileNotFoundError:
+                raise FileNotFoundError(join(self.uri, rel)) from None
+            except OSError:
+                raise
+            except Exception as exc:
+                raise self._fail(exc, rel, "download it") from None
 
     @contextmanager
     def open_write(self, rel: str) -> Iterator[BinaryIO]:

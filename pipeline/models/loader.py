@@ -1,14 +1,18 @@
-"""The one way a stage gets a model: from a local directory or a hub id named in config, never downloaded at run
-time, with safetensors preferred, `trust_remote_code` off unless the config turns it on for that model, and
-`torch.load(weights_only=True)` for any raw checkpoint.
+"""The one way a stage gets a model: from a local directory, the team's own object storage (s3://, gs://) or a hub id
+named in config, never downloaded from a model hub at run time, with safetensors preferred, `trust_remote_code` off
+unless the config turns it on for that model, and `torch.load(weights_only=True)` for any raw checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from pipeline.core.config import ModelSpec
+from pipeline.core.storage import is_remote, name, open_storage
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -18,7 +22,10 @@ class ModelUnavailable(RuntimeError):
 
 
 def resolve_model_dir(spec: ModelSpec, role: str) -> Path:
-    """The local directory holding `spec`'s files. Looks at the path itself, then the hub cache, offline only."""
+    """The local directory holding `spec`'s files. Looks at the path itself, then the hub cache, offline only. An
+    s3:// or gs:// path is copied once per machine into the model cache (`cached_model_dir`)."""
+    if is_remote(spec.path):
+        return cached_model_dir(spec.path, role)
     local = Path(os.path.expanduser(spec.path))
     if local.is_dir():
         return local
@@ -39,6 +46,38 @@ def resolve_model_dir(spec: ModelSpec, role: str) -> Path:
         f"Looked in: {'; '.join(looked)}. Fetch it on a machine with internet: {fetch}, then point the config "
         f"at that directory."
     )
+
+
+# Model directories from object storage land here, one folder per URI; S2V_MODEL_CACHE moves it (a node's fast disk).
+MODEL_CACHE = Path(os.environ.get("S2V_MODEL_CACHE", "~/.cache/s2v/models")).expanduser()
+
+
+def cached_model_dir(uri: str, role: str) -> Path:
+    """A local copy of the model directory at `uri`, made once per machine: downloaded into a temporary folder and
+    renamed into place when complete, so concurrent workers on one node and a download cut short never leave a
+    half directory that looks whole (the loser of a race drops its copy). Later calls reuse it without a request."""
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = MODEL_CACHE / f"{name(uri) or 'model'}-{digest}"
+    if target.is_dir():
+        return target
+    store = open_storage(uri, f"{role}.model.path")
+    MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=MODEL_CACHE))
+    try:
+        count = 0
+        for entry in store.list():
+            store.download(entry.rel, tmp / entry.rel)
+            count += 1
+        if not count:
+            raise ModelUnavailable(f"{role} model '{uri}': nothing is stored under that prefix")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another worker finished first: use its copy
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _looks_like_hub_id(text: str) -> bool:

@@ -60,3 +60,26 @@ def test_raw_checkpoints_never_unpickle_code(tmp_path):
     (tmp_path / "evil.pt").write_bytes(pickle.dumps({"w": Evil()}))
     with pytest.raises(pickle.UnpicklingError):
         load_state_dict(tmp_path / "evil.pt")
+
+
+def test_a_model_directory_in_object_storage_is_copied_once_per_machine(tiny_bert, tmp_path, monkeypatch):
+    from pipeline.models import loader
+
+    tiny_bert, _ = tiny_bert
+    from pipeline.testing.s3server import S3Server
+
+    monkeypatch.setattr(loader, "MODEL_CACHE", tmp_path / "cache")
+    with S3Server() as server:
+        server.create_bucket("models")
+        server.upload_tree(tiny_bert, "s3://models/tiny-bert")
+        spec = ModelSpec(path="s3://models/tiny-bert", dtype="float32")
+        model = load_pretrained(BertModel, spec, "test")
+        assert isinstance(model, BertModel)
+        local = resolve_model_dir(spec, "test")
+        assert local.parent == tmp_path / "cache" and sorted(p.name for p in local.iterdir()) == sorted(
+            p.name for p in tiny_bert.iterdir())
+        with pytest.raises(ModelUnavailable, match="nothing is stored under that prefix"):
+            resolve_model_dir(ModelSpec(path="s3://models/missing"), "test")
+    # The server is gone: the cached copy still serves, with no request.
+    assert resolve_model_dir(spec, "test") == local
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [local.name]  # no temporary folder left behind
