@@ -175,6 +175,7 @@ def preflight(config: RunConfig) -> None:
     import yaml
 
     from pipeline.core.config import ConfigError
+    from pipeline.core.storage import is_remote, open_storage
     from pipeline.models.loader import ModelUnavailable, resolve_model_dir
     from taxonomies.matcher import Taxonomy
 
@@ -182,8 +183,12 @@ def preflight(config: RunConfig) -> None:
     for row in FLOW:
         for role, spec, locate in row.needs(config):
             try:
+                if is_remote(spec.path):  # the workers copy it (loader.cached_model_dir); here: is anything there?
+                    if next(open_storage(spec.path).list(), None) is None:
+                        problems.append(f"{role} model '{spec.path}': nothing is stored under that prefix")
+                    continue
                 (locate or resolve_model_dir)(spec, role)
-            except ModelUnavailable as exc:
+            except (ModelUnavailable, OSError) as exc:
                 problems.append(str(exc))
     try:
         Taxonomy.load(config.entities.taxonomy)  # every flow matches entities to it
