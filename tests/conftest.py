@@ -22,7 +22,8 @@ TESTS = Path(__file__).resolve().parent
 
 # Markers (pyproject.toml): `ray` starts a local Ray, `cluster` a loopback cluster of several nodes, `slow` anything
 # that curates a corpus, starts Ray or trains across processes. `pytest -m "not slow"` is the quick loop; CI runs all.
-MARKED_BY_FIXTURE = {"local_ray": {"ray"}, "cluster": {"cluster"}, "curated_out": {"slow"}, "curated": {"ray"}}
+MARKED_BY_FIXTURE = {"local_ray": {"ray"}, "cluster": {"cluster"}, "curated_out": {"slow"}, "curated": {"ray"},
+                     "s3_out": {"slow"}}
 
 
 def pytest_collection_modifyitems(config, items):

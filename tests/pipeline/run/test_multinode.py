@@ -1,5 +1,7 @@
-"""The quickstart on a real two-node Ray cluster (pipeline.testing.loopback): the same samples as on one machine, both
-nodes doing stage work (seen in each node's Prometheus metrics), and summary.json moving while the job runs."""
+"""The quickstart on a real two-node Ray cluster (pipeline.testing.loopback) whose nodes share no output directory:
+inputs and output in an S3-compatible store (moto's server on 127.0.0.1). The same samples as on one machine, both
+nodes doing stage work (seen in each node's Prometheus metrics), shards written by worker processes (never the
+driver), and summary.json moving while the job runs."""
 
 from __future__ import annotations
 
@@ -13,14 +15,25 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core.storage import open_storage
+from pipeline.store.ledger import Ledger
 from pipeline.testing.loopback import NODE_IP, LoopbackCluster
+from pipeline.testing.s3server import S3Server
 from pipeline.testing.synthetic_runs import sample_set
 
 REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def s3(demo_corpus):
+    with S3Server() as server:  # before the cluster: its nodes get the AWS_* settings of this environment
+        server.create_bucket("cluster")
+        server.upload_tree(demo_corpus, "s3://cluster/demo")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):
     with LoopbackCluster(nodes=2, cpus_per_node=1) as running:
         yield running
 
@@ -41,19 +54,20 @@ def scrape(cluster: LoopbackCluster) -> list[dict[tuple[str, str], float]]:
     return per_node
 
 
-def test_two_nodes_give_the_one_machine_sample_set(cluster, curated_out, demo_corpus, u2netp_dir, tmp_path):
-    out = tmp_path / "out"
+def test_two_nodes_give_the_one_machine_sample_set(cluster, curated_out, u2netp_dir):
+    out = "s3://cluster/out"
+    store = open_storage(out)
     driver = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli.main", "curate", "run", "--config", "configs/quickstart.yaml",
-         "--set", f"grounding.model.path={u2netp_dir}", "--input", str(demo_corpus / "videos"),
-         "--metadata", str(demo_corpus / "metadata.jsonl"), "--output", str(out), "--address", cluster.address,
+         "--set", f"grounding.model.path={u2netp_dir}", "--input", "s3://cluster/demo/videos",
+         "--metadata", "s3://cluster/demo/metadata.jsonl", "--output", out, "--address", cluster.address,
          "--set", "ray.progress=false", "--set", "ray.summary_every_s=1"],
         cwd=REPO, env=cluster.client_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     seen = []
     while driver.poll() is None:  # summary.json while the job runs: status and progress of this run
         try:
-            summary = json.loads((out / "summary.json").read_text())
+            summary = json.loads(store.read_text("summary.json"))
             if summary["status"] == "running" and summary["progress"] not in seen:
                 seen.append(summary["progress"])
         except (OSError, ValueError, KeyError):
@@ -63,7 +77,9 @@ def test_two_nodes_give_the_one_machine_sample_set(cluster, curated_out, demo_co
     assert driver.returncode == 0, log[-3000:]
     assert sample_set(out) == sample_set(curated_out)
     assert seen and seen[0]["sources_total"] == 2 and seen[0]["run"]
-    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+    assert json.loads(store.read_text("summary.json"))["status"] == "finished"
+    writers = {e["written_by"]["pid"] for e in Ledger(out).read().shards.values()}
+    assert writers and driver.pid not in writers  # shards come from worker processes, not the driver
 
     # Every node's metrics agent exports counters of the stage work done on it: both nodes worked, and the totals
     # add up to the run (each source passes the probe once; every sample passes the last per-source stage).
