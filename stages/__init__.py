@@ -183,7 +183,8 @@ def preflight(config: RunConfig) -> None:
     for row in FLOW:
         for role, spec, locate in row.needs(config):
             try:
-                if is_remote(spec.path):  # the workers copy it (loader.cached_model_dir); here: is anything there?
+                # A model in object storage: the workers copy it (loader.cached_model_dir); here, is anything there?
+                if spec is not None and is_remote(spec.path):
                     if next(open_storage(spec.path).list(), None) is None:
                         problems.append(f"{role} model '{spec.path}': nothing is stored under that prefix")
                     continue

@@ -259,6 +259,12 @@ def build_dataset(records: list[Record], stages: list[Stage], config: RunConfig,
     return ds
 
 
+def _counted(batches, received: list[int]):
+    for batch in batches:
+        received[0] += batch.nbytes
+        yield batch
+
+
 @contextmanager
 def _remote_args_deprecated():
     """Ray 2.60 has no named map_batches parameter for a scheduling strategy, nor another way to give each actor
@@ -335,6 +341,8 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
 
     reservations = PoolReservations(config.ray.reserve_pools, warn)
     meter, balancer = CostMeter(), None
+    received = [0]  # bytes of the record tables this driver pulled from Ray: digests, never samples
+    driver_cpu = time.process_time()
     profile = StageProfile(config.ray.profile, config.hash(), warn)
     try:
         if sequential:
@@ -355,7 +363,7 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
                               "resized as costs are measured)")
             batches = build_dataset(records, stages, config, reservations, balancer, finish).iter_batches(
                 batch_size=None, batch_format="pyarrow")
-            stream = (r for batch in batches for r in table_to_records(batch))
+            stream = (r for batch in _counted(batches, received) for r in table_to_records(batch))
             from pipeline.run.ray_hooks import balanced_pools
 
             with balanced_pools(balancer):
@@ -390,6 +398,10 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
         "pools": {name: {"started": pool.start, "ended": pool.target, "why": pool.why}
                   for name, pool in balancer.pools.items()} if balancer else {},
         "pool_resizes": balancer.resizes if balancer else [],
+        # What the data path costs the driver: bytes it received from the workers, and its own CPU seconds
+        # (benchmarks/driver_load.py).
+        "driver_bytes_in": received[0],
+        "driver_cpu_s": round(time.process_time() - driver_cpu, 2),
         "version": __version__,
     }
     ledger.append(run)
