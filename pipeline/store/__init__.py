@@ -1,2 +1,2 @@
-"""The output directory: the ledger, per-source assembly and spooling, the one shard writer and reader, and the run's
-outputs (index, manifest, summary, funnel)."""
+"""The output directory, on any storage: the ledger, staging and per-source assembly, the one shard writer and
+reader (with shard assembly on the nodes), and the run's outputs (index, manifest, summary, funnel)."""

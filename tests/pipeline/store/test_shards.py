@@ -7,7 +7,7 @@ import webdataset as wds
 
 from pipeline.core.config import OutputConfig
 from pipeline.core.files import file_sha256
-from pipeline.store.ledger import SPOOL_DIR, Ledger
+from pipeline.store.ledger import SPOOL_DIR, STAGING_DIR, Ledger
 from pipeline.store.outputs import write_outputs
 from pipeline.store.shards import ShardSink
 
@@ -113,12 +113,12 @@ def test_torn_last_ledger_line_is_ignored_and_repaired(tmp_path):
     assert len(Ledger(out).read().runs) == 1
 
 
-def test_recovery_removes_the_spool_of_sources_a_crash_left_in_flight(tmp_path):
+def test_recovery_removes_staged_samples_of_sources_a_crash_left_in_flight(tmp_path):
     out = tmp_path / "out"
     run(out, Ledger(out))
-    spool = out / SPOOL_DIR
-    spool.mkdir()
-    (spool / "00000001.tar").write_bytes(b"half a source")
+    for scratch in (STAGING_DIR + "/run1", SPOOL_DIR):  # this release's staging, and an earlier release's spool
+        (out / scratch).mkdir(parents=True)
+        (out / scratch / "00000001.tar").write_bytes(b"half a source")
     state = Ledger(out).recover()
-    assert not spool.exists()
+    assert not (out / STAGING_DIR).exists() and not (out / SPOOL_DIR).exists()
     assert set(state.sources) == set(SOURCES)  # committed work is untouched
