@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -24,6 +26,7 @@ from pipeline.store.assemble import SampleStager
 
 # Stages that open the source file itself (the rest work on the clips cut from it).
 DECODES_SOURCE = ("probe", "shot_cut", "clip_extract")
+SCRATCH_RESERVE = 1 << 30  # left free on the scratch disk after a download: encoders and logs write there too
 
 
 @contextmanager
@@ -35,18 +38,23 @@ def local_sources(records: list[Record], stages: list[Stage], scratch: str | Non
         yield
         return
     with ExitStack() as stack:
-        copies = {}
         for record in records:
             if record.kind != "source" or not is_remote(record.source_path) or not record.alive:
                 continue
             uri = record.source_path
+            size = record.meta.get("source", {}).get("size") or 0
+            free = shutil.disk_usage(scratch or tempfile.gettempdir()).free
+            if size > free - SCRATCH_RESERVE:  # fail this input, not the node's disk
+                record.fail("probe", "no_scratch_space", f"{uri}: {size / 1e9:.1f} GB does not fit in the worker's "
+                            f"scratch ({free / 1e9:.1f} GB free); point input.scratch_dir at a larger disk")
+                continue
             try:
                 store = open_storage(parent(uri))
                 local = stack.enter_context(store.local_copy(uri.rsplit("/", 1)[1], scratch))
             except OSError as exc:
                 record.fail("probe", "unreadable", f"{uri}: cannot download it ({exc})")
                 continue
-            record.meta["local_path"] = copies[uri] = str(local)
+            record.meta["local_path"] = str(local)
         try:
             yield
         finally:
