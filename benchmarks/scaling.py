@@ -12,12 +12,16 @@ two, and on two with one worker process killed mid-job (pipeline.testing.loopbac
 
 Prints one JSON object on its last line.
 
-    python benchmarks/scaling.py [--videos 6] [--cpus-per-node 2] [--work /tmp/s2v-scaling]    # ~17 min
+Shards are written on the nodes (the flow's last group stages samples, tasks on the nodes assemble shards); `--s3`
+puts the outputs in an S3-compatible server so the nodes share no output directory either.
+
+    python benchmarks/scaling.py [--videos 6] [--cpus-per-node 2] [--work /tmp/s2v-scaling] [--s3]    # ~17 min
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import subprocess
@@ -28,7 +32,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipeline.core.storage import open_storage
+from pipeline.store.ledger import Ledger
 from pipeline.testing.loopback import ACTOR_WORKER, TASK_WORKER, LoopbackCluster, kill_busy_worker
+from pipeline.testing.s3server import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,8 +52,13 @@ def prepare(work: Path, videos: int) -> tuple[Path, Path]:
     return corpus, model
 
 
-def run(nodes: int, cpus: int, corpus: Path, model: Path, out: Path, kill: str | None = None) -> dict:
+def run(nodes: int, cpus: int, corpus: Path, model: Path, out: Path, kill: str | None = None,
+        s3: bool = False) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    log_path = out.with_name(out.name + ".log")
+    if s3:  # the same name under the benchmark's bucket; the nodes then share no output directory
+        out = f"s3://scaling/{out.name}"
+        open_storage(out).delete_tree("")
     with LoopbackCluster(nodes=nodes, cpus_per_node=cpus, pin_cores=True, object_store_mb=500) as cluster:
         driver = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli.main", "curate", "run", "--config", "configs/quickstart.yaml",
@@ -72,11 +84,12 @@ def run(nodes: int, cpus: int, corpus: Path, model: Path, out: Path, kill: str |
         if kill:
             watcher.join()
     # The driver's output (Ray Data's timestamped progress lines) beside the run, to see where a run lost time.
-    out.with_name(out.name + ".log").write_text(log)
+    log_path.write_text(log)
     if driver.returncode != 0:
         raise SystemExit(f"curation on {nodes} node(s) failed:\n{log[-3000:]}")
-    line = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines() if '"type":"run"' in x][-1]
-    samples = sorted(r["key"] for r in pq.read_table(out / "manifest.parquet", columns=["key"]).to_pylist())
+    line = Ledger(out).read().runs[-1]
+    with open_storage(out).open_read("manifest.parquet") as f:
+        samples = sorted(r["key"] for r in pq.read_table(f, columns=["key"]).to_pylist())
     return {"wall_s": round(line["wall_s"], 1), "clips": line["clips"], "clips_per_s": line["clips"] / line["wall_s"],
             "samples": samples, "killed": killed[0][0] if killed else None,
             "killed_after_s": killed[0][1] if killed else None}
@@ -88,18 +101,29 @@ def main() -> None:
     parser.add_argument("--cpus-per-node", type=int, default=2,
                         help="Ray's logical CPUs per node (each node is pinned to one core either way)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/s2v-scaling"))
+    parser.add_argument("--s3", action="store_true", help="outputs in an S3-compatible server on 127.0.0.1 (moto, "
+                        "unpinned: it takes CPU from the nodes) instead of directories under --work")
     args = parser.parse_args()
     corpus, model = prepare(args.work, args.videos)
-    one = run(1, args.cpus_per_node, corpus, model, args.work / "out-1node")
+    with contextlib.ExitStack() as stack:
+        if args.s3:
+            stack.enter_context(S3Server()).create_bucket("scaling")
+        result = measure(args, corpus, model)
+    print(json.dumps(result))
+
+
+def measure(args, corpus: Path, model: Path) -> dict:
+    one = run(1, args.cpus_per_node, corpus, model, args.work / "out-1node", s3=args.s3)
     print(f"1 node: {one['wall_s']} s", file=sys.stderr)
-    two = run(2, args.cpus_per_node, corpus, model, args.work / "out-2nodes")
+    two = run(2, args.cpus_per_node, corpus, model, args.work / "out-2nodes", s3=args.s3)
     print(f"2 nodes: {two['wall_s']} s", file=sys.stderr)
     hits = {}
     for kind, title in (("task", TASK_WORKER), ("actor", ACTOR_WORKER)):
-        hits[kind] = run(2, args.cpus_per_node, corpus, model, args.work / f"out-2nodes-kill-{kind}", kill=title)
+        hits[kind] = run(2, args.cpus_per_node, corpus, model, args.work / f"out-2nodes-kill-{kind}", kill=title,
+                         s3=args.s3)
         print(f"2 nodes, one {kind} worker killed ({hits[kind]['killed']}): {hits[kind]['wall_s']} s", file=sys.stderr)
     overhead = {kind: round(hit["wall_s"] / two["wall_s"], 3) for kind, hit in hits.items()}
-    print(json.dumps({
+    return {
         "clips_per_s_1node": round(one["clips_per_s"], 4),
         "clips_per_s_2nodes": round(two["clips_per_s"], 4),
         "scaling": round(two["clips_per_s"] / one["clips_per_s"], 3),
@@ -113,7 +137,8 @@ def main() -> None:
         "same_sample_set": all(one["samples"] == r["samples"] for r in (two, *hits.values())),
         "samples": len(one["samples"]), "clips": one["clips"], "videos": args.videos,
         "cpus_per_node": args.cpus_per_node, "cores": "one per node (pinned)",
-    }))
+        "output": "s3 (moto on 127.0.0.1)" if args.s3 else "posix",
+    }
 
 
 if __name__ == "__main__":
