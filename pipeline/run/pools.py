@@ -171,7 +171,8 @@ class CostMeter:
         self.lock = threading.Lock()  # records arrive on the driver's thread; the executor's thread reads
 
     def observe(self, meta: dict) -> None:
-        cpu, wall = dict(meta.get("cpu_s", {})), dict(meta.get("timings", {}))
+        # A finished record's wall timings are in its digest (pipeline/store/assemble.py SampleStager).
+        cpu, wall = dict(meta.get("cpu_s", {})), dict(meta.get("timings") or meta.get("digest", {}).get("timings", {}))
         with self.lock:
             self.recent.append((cpu, wall))
             self.records += 1

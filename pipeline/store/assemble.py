@@ -165,7 +165,8 @@ class SampleStager:
                 digest["reject"] = {"reason": reason, "staged": staged}
         light = Record(kind=record.kind, source_path=record.source_path, key=record.key, source_id=record.source_id,
                        clips_planned=record.clips_planned, errors=record.errors, drop=record.drop)
-        light.meta = {k: record.meta[k] for k in ("cpu_s", "timings", "peak_rss_mb") if k in record.meta}
+        # The cost meter's inputs (pipeline/run/pools.py CostMeter.observe); the wall timings travel in the digest.
+        light.meta = {k: record.meta[k] for k in ("cpu_s", "peak_rss_mb") if k in record.meta}
         light.meta["digest"] = digest
         return light
 
