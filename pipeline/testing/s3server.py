@@ -99,8 +99,20 @@ class S3Server:
 
 
 def main() -> None:  # pragma: no cover - a manual harness
-    """`python -m pipeline.testing.s3server`: a server to try the commands against; Ctrl-C stops it."""
+    """`python -m pipeline.testing.s3server [--bucket NAME ...] [--upload DIR s3://BUCKET/PREFIX]`: a server to try
+    the commands against; Ctrl-C stops it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--bucket", action="append", default=[], help="create this bucket (repeatable)")
+    parser.add_argument("--upload", nargs=2, action="append", default=[], metavar=("DIR", "URI"),
+                        help="copy a local directory's files under a URI (repeatable)")
+    args = parser.parse_args()
     with S3Server() as server:
+        for bucket in args.bucket:
+            server.create_bucket(bucket)
+        for local, uri in args.upload:
+            server.upload_tree(local, uri)
         print("S3-compatible server running; in another shell:")
         for key, value in server.env.items():
             print(f"  export {key}={value}")
