@@ -37,6 +37,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(name)
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """One real S3-compatible HTTP server (moto) on 127.0.0.1 for the session; AWS_* point at it while it runs. Each
+    test module makes its own buckets."""
+    from pipeline.testing.s3server import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A fresh embedded Ray with 2 CPUs for one test module."""

@@ -8,14 +8,12 @@ import os
 import pytest
 
 from pipeline.core.storage import LocalStorage, ObjectStorage, StorageError, check_uri, open_storage
-from pipeline.testing.s3server import S3Server
 
 
 @pytest.fixture(scope="module")
-def s3():
-    with S3Server() as server:
-        server.create_bucket("store-test")
-        yield server
+def s3(s3_server):
+    s3_server.create_bucket("store-test")
+    return s3_server
 
 
 def test_uris_are_checked_before_anything_is_touched(tmp_path):

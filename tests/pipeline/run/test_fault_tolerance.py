@@ -118,7 +118,7 @@ def test_on_ray_workers_are_recycled_after_the_configured_batches(local_ray):
 
 
 def test_worker_killed_while_it_writes_samples_to_s3_gives_the_clean_runs_sample_set(curated_out, demo_corpus,
-                                                                                      u2netp_dir):
+                                                                                      u2netp_dir, s3_server):
     """SIGKILL the Ray worker running the flow's last group (the one that finishes clips and writes their samples to
     the output's staging area in object storage) in the middle of a batch: Ray retries the batch in a fresh process,
     which writes the same staged names again, and the job ends with exactly the samples of an undisturbed run (the
@@ -126,29 +126,27 @@ def test_worker_killed_while_it_writes_samples_to_s3_gives_the_clean_runs_sample
     from click.testing import CliRunner
 
     from pipeline.cli.main import main
-    from pipeline.testing.s3server import S3Server
 
-    with S3Server() as s3:
-        s3.create_bucket("faults")
-        out = "s3://faults/out"
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli.main", "curate", "run", "--config", "configs/quickstart.yaml",
-             "--set", f"grounding.model.path={u2netp_dir}", "--input", str(demo_corpus / "videos"),
-             "--metadata", str(demo_corpus / "metadata.jsonl"), "--output", out,
-             "--set", "ray.progress=false", "--set", "ray.num_cpus=2"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )
-        killed = kill_busy_worker([driver.pid], kinds=(f"{TASK_WORKER}(faces+",))
-        try:
-            log, _ = driver.communicate(timeout=600)
-        finally:
-            if driver.poll() is None:
-                os.killpg(driver.pid, signal.SIGKILL)
-        assert driver.returncode == 0, log[-3000:]
-        assert killed, "the last group's worker was not caught in a batch: the job ended first"
-        assert sample_set(out) == sample_set(curated_out)
-        verified = CliRunner().invoke(main, ["shards", "verify", out])
-        assert verified.exit_code == 0, verified.output
+    s3_server.create_bucket("faults")
+    out = "s3://faults/out"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli.main", "curate", "run", "--config", "configs/quickstart.yaml",
+         "--set", f"grounding.model.path={u2netp_dir}", "--input", str(demo_corpus / "videos"),
+         "--metadata", str(demo_corpus / "metadata.jsonl"), "--output", out,
+         "--set", "ray.progress=false", "--set", "ray.num_cpus=2"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    killed = kill_busy_worker([driver.pid], kinds=(f"{TASK_WORKER}(faces+",))
+    try:
+        log, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0, log[-3000:]
+    assert killed, "the last group's worker was not caught in a batch: the job ended first"
+    assert sample_set(out) == sample_set(curated_out)
+    verified = CliRunner().invoke(main, ["shards", "verify", out])
+    assert verified.exit_code == 0, verified.output
 
 
 def test_a_worker_counts_as_busy_only_while_its_title_names_a_running_batch():

@@ -18,18 +18,16 @@ import pytest
 from pipeline.core.storage import open_storage
 from pipeline.store.ledger import Ledger
 from pipeline.testing.loopback import NODE_IP, LoopbackCluster
-from pipeline.testing.s3server import S3Server
 from pipeline.testing.synthetic_runs import sample_set
 
 REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
-def s3(demo_corpus):
-    with S3Server() as server:  # before the cluster: its nodes get the AWS_* settings of this environment
-        server.create_bucket("cluster")
-        server.upload_tree(demo_corpus, "s3://cluster/demo")
-        yield server
+def s3(s3_server, demo_corpus):  # before the cluster: its nodes get the AWS_* settings of this environment
+    s3_server.create_bucket("cluster")
+    s3_server.upload_tree(demo_corpus, "s3://cluster/demo")
+    return s3_server
 
 
 @pytest.fixture(scope="module")

@@ -20,20 +20,18 @@ from click.testing import CliRunner
 
 from pipeline.core.storage import open_storage
 from pipeline.store.ledger import Ledger
-from pipeline.testing.s3server import S3Server
 from pipeline.testing.synthetic_runs import sample_set
 
 REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
-def s3(demo_corpus):
+def s3(s3_server, demo_corpus):
     """The server, with the demo corpus uploaded under s3://videos/demo/ (videos/ and metadata.jsonl)."""
-    with S3Server() as server:
-        server.create_bucket("videos")
-        server.create_bucket("curated")
-        server.upload_tree(demo_corpus, "s3://videos/demo")
-        yield server
+    s3_server.create_bucket("videos")
+    s3_server.create_bucket("curated")
+    s3_server.upload_tree(demo_corpus, "s3://videos/demo")
+    return s3_server
 
 
 def curate_command(out: str, u2netp_dir: Path, *extra: str) -> list[str]:

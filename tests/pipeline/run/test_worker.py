@@ -50,30 +50,28 @@ def test_a_model_worker_runs_as_many_threads_as_cpus_it_owns_and_reports_cost_an
         torch.set_num_threads(before)
 
 
-def test_an_input_in_object_storage_is_decoded_from_a_scratch_copy_that_goes_with_its_batch(tmp_path):
+def test_an_input_in_object_storage_is_decoded_from_a_scratch_copy_that_goes_with_its_batch(tmp_path, s3_server):
     from pathlib import Path
 
     from pipeline.core.storage import open_storage
     from pipeline.run.worker import local_sources
-    from pipeline.testing.s3server import S3Server
     from stages.probe import Prober
 
     config = build_config({})
     stages = [Prober(config)]
-    with S3Server() as s3:
-        s3.create_bucket("inputs")
-        open_uri = "s3://inputs/v/a.mp4"
-        open_storage("s3://inputs/v").write_bytes("a.mp4", b"not really a video")
-        records = [Record(kind="source", source_path=open_uri, meta={"source": {"size": 18}}),
-                   Record(kind="source", source_path="s3://inputs/v/missing.mp4", meta={"source": {"size": 5}}),
-                   Record(kind="source", source_path="s3://inputs/v/huge.mp4", meta={"source": {"size": 10**15}})]
-        with local_sources(records, stages, str(tmp_path)):
-            local = Path(records[0].local_path)
-            assert local.parent == tmp_path and local.read_bytes() == b"not really a video"
-            stages[0].process(records[:1])  # probe reads the copy, and its message names the input
-        assert not local.exists() and "local_path" not in records[0].meta
-        assert records[0].errors[0]["stage"] == "probe" and str(local) not in records[0].errors[0]["message"]
-        assert records[0].errors[0]["message"].startswith(open_uri)
-        assert (records[1].errors[0]["reason"], records[2].errors[0]["reason"]) == ("unreadable", "no_scratch_space")
-        assert "input.scratch_dir" in records[2].errors[0]["message"]
-        assert list(tmp_path.iterdir()) == []
+    s3_server.create_bucket("inputs")
+    open_uri = "s3://inputs/v/a.mp4"
+    open_storage("s3://inputs/v").write_bytes("a.mp4", b"not really a video")
+    records = [Record(kind="source", source_path=open_uri, meta={"source": {"size": 18}}),
+               Record(kind="source", source_path="s3://inputs/v/missing.mp4", meta={"source": {"size": 5}}),
+               Record(kind="source", source_path="s3://inputs/v/huge.mp4", meta={"source": {"size": 10**15}})]
+    with local_sources(records, stages, str(tmp_path)):
+        local = Path(records[0].local_path)
+        assert local.parent == tmp_path and local.read_bytes() == b"not really a video"
+        stages[0].process(records[:1])  # probe reads the copy, and its message names the input
+    assert not local.exists() and "local_path" not in records[0].meta
+    assert records[0].errors[0]["stage"] == "probe" and str(local) not in records[0].errors[0]["message"]
+    assert records[0].errors[0]["message"].startswith(open_uri)
+    assert (records[1].errors[0]["reason"], records[2].errors[0]["reason"]) == ("unreadable", "no_scratch_space")
+    assert "input.scratch_dir" in records[2].errors[0]["message"]
+    assert list(tmp_path.iterdir()) == []

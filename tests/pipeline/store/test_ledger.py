@@ -11,14 +11,12 @@ from pipeline.core.config import OutputConfig
 from pipeline.core.storage import open_storage
 from pipeline.store.ledger import Ledger
 from pipeline.store.shards import InlineTasks, ShardAssembler, stage_sample
-from pipeline.testing.s3server import S3Server
 
 
 @pytest.fixture(scope="module")
-def s3():
-    with S3Server() as server:
-        server.create_bucket("ledger-test")
-        yield server
+def s3(s3_server):
+    s3_server.create_bucket("ledger-test")
+    return s3_server
 
 
 def test_commits_are_objects_in_commit_order_and_recovery_removes_what_none_names(s3):
