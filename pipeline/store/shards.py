@@ -161,8 +161,10 @@ def stage_sample(out, run_id: str, sample: dict) -> dict:
 
 
 def assemble_shard(out_uri: str, rel: str, staged: list[str]) -> dict:
-    """Runs on a worker node: the staged samples, in order, into the shard `rel`; published, then the staged files
-    deleted. Returns the shard's ledger fields with `keys` and `written_by` (host and process, for the record)."""
+    """Runs on a worker node: the staged samples, in order, into the shard `rel`, published whole. Returns the
+    shard's ledger fields with `keys` and `written_by` (host and process, for the record). The staged files stay
+    until the driver has committed the shard (`ShardAssembler.poll`), so a retry of this task after its worker died
+    finds them all and writes the same shard again."""
     storage = as_storage(out_uri)
 
     def samples() -> Iterator[dict]:
@@ -170,9 +172,7 @@ def assemble_shard(out_uri: str, rel: str, staged: list[str]) -> dict:
             yield from read_shard_samples((storage, part)).values()
 
     shard = write_shard(storage, rel, samples())
-    for part in staged:
-        storage.delete(part)
-    return {**shard, "written_by": {"host": socket.gethostname(), "pid": os.getpid()}}
+    return {**shard, "written_by": {"host": socket.gethostname(), "pid": os.getpid()}, "staged": staged}
 
 
 class InlineTasks:
@@ -280,7 +280,10 @@ class ShardAssembler:
                 if self.on_failure:
                     self.on_failure(group.sources, exc)
                 continue
+            staged = [part for shard in group.shards for part in shard.pop("staged", [])]
             self.ledger.append_many(self._lines(group))
+            # Committed: the staged samples are no longer needed (a crash before this leaves them to `recover`).
+            self.storage.delete_many(staged)
             self.shards_written += len(group.shards)
             self.samples_written += sum(s["nsamples"] for s in group.shards)
             done.append(group)

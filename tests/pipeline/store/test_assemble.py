@@ -145,3 +145,19 @@ def test_a_failed_shard_write_leaves_its_sources_uncommitted(tmp_path):
     assert ledger.read().sources == {} and not (tmp_path / "shards" / "train-000000.tar").exists()
     with pytest.raises(FileNotFoundError):
         read_shard_samples(tmp_path / STAGING_DIR / "r" / "asrc-0000000.tar")
+
+
+def test_assembling_a_shard_again_gives_the_same_bytes_until_the_commit_removes_the_staged_samples(tmp_path):
+    """A task retried after its worker died mid-write rewrites the same shard: the staged samples stay until the
+    driver commits."""
+    from pipeline.store.shards import assemble_shard
+
+    stager = SampleStager(str(tmp_path), "r", "hash", 0)
+    collector = SourceCollector()
+    for i in range(3):
+        assembly = collector.add(stager.finish(clip("a.mp4", i, 3)))
+    parts = [part["rel"] for _, part in assembly.staged_samples()]
+    first = assemble_shard(str(tmp_path), "shards/train-000000.tar", parts)
+    again = assemble_shard(str(tmp_path), "shards/train-000000.tar", parts)
+    assert first["sha256"] == again["sha256"] and first["keys"] == again["keys"]
+    assert all((tmp_path / part).is_file() for part in parts)
