@@ -8,11 +8,10 @@ give the same bytes.
 Where samples are written. The worker that finishes a clip writes its sample as a small tar under
 `.staging/RUN/KEY.tar` and sends the driver only its digest (pipeline/store/assemble.py). When every clip of a source
 has arrived, the driver groups whole sources into shards (`ShardAssembler`) and has each shard assembled from the
-staged samples by a task on a worker node (`assemble_shard`), which publishes it; the staged files go after the
-commit. The
-driver then commits the group: its shard lines, the last carrying the entries of the sources they complete. So a
-shard only ever holds whole sources, a crash leaves only uncommitted debris (`Ledger.recover` removes it), and the
-sample bytes go worker -> storage -> worker -> storage, never through the driver.
+staged samples by a task on a worker node (`assemble_shard`), which publishes it. The driver then commits the
+group (its shard lines, the last carrying the entries of the sources they complete) and deletes its staged files.
+So a shard only ever holds whole sources, a crash leaves only uncommitted debris (`Ledger.recover` removes it), and
+the sample bytes go worker -> storage -> worker -> storage, never through the driver.
 """
 
 from __future__ import annotations
