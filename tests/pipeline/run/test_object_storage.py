@@ -1,9 +1,9 @@
 """The quickstart from an s3:// input prefix to an s3:// output on a real S3-compatible HTTP server (moto, 127.0.0.1):
-a driver killed mid-run and rerun ends with the clean run's samples, shards are written by worker processes (not the
-driver), the credentials appear nowhere, and stats, verify, why, show, refilter and train read the s3:// output.
+a worker killed while it writes samples and a driver killed mid-run, then a rerun, end with the clean run's samples;
+shards are written by worker processes (not the driver), the credentials appear nowhere, and stats, verify, why,
+show, refilter and train read the s3:// output.
 
-(The two-node cluster with nodes sharing no output directory, and a worker killed mid-write, are in test_multinode.py
-and test_fault_tolerance.py, on the same kind of server.)"""
+(The two-node cluster whose nodes share no output directory is in test_multinode.py, on the same server.)"""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from click.testing import CliRunner
 
 from pipeline.core.storage import open_storage
 from pipeline.store.ledger import Ledger
+from pipeline.testing.loopback import TASK_WORKER, kill_busy_worker
 from pipeline.testing.synthetic_runs import sample_set
 
 REPO = Path(__file__).resolve().parents[3]
@@ -50,18 +52,26 @@ def committed_shards(out: str) -> int:
 
 @pytest.fixture(scope="module")
 def s3_out(s3, u2netp_dir) -> tuple[str, str, int]:
-    """s3://curated/run: a driver SIGKILLed once it had committed a shard, then the same command again. Returns
-    (output URI, both runs' console output, the second driver's pid)."""
+    """s3://curated/run: a first run in which the Ray worker running the flow's last group (the one that finishes
+    clips and writes their samples to the output's staging area) is SIGKILLed in the middle of a batch, and whose
+    driver is SIGKILLed once it has committed a shard; then the same command again. Returns (output URI, both runs'
+    console output, the second driver's pid)."""
     out = "s3://curated/run"
     first = subprocess.Popen(curate_command(out, u2netp_dir), cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    worker: list[str | None] = []
+    killer = threading.Thread(target=lambda: worker.append(
+        kill_busy_worker([first.pid], kinds=(f"{TASK_WORKER}(faces+",))))
+    killer.start()
     deadline = time.monotonic() + 600
-    while first.poll() is None and committed_shards(out) == 0 and time.monotonic() < deadline:
+    while first.poll() is None and (not worker or committed_shards(out) == 0) and time.monotonic() < deadline:
         time.sleep(0.5)
     killed = first.poll() is None
     os.killpg(first.pid, signal.SIGKILL)  # the driver and its embedded Ray
     log = first.communicate()[0]
-    assert killed, f"the first run ended before it could be killed:\n{log[-2000:]}"
+    killer.join()
+    assert worker and worker[0], f"the last group's worker was not caught in a batch:\n{log[-2000:]}"
+    assert killed, f"the first run ended before its driver could be killed:\n{log[-2000:]}"
     second = subprocess.Popen(curate_command(out, u2netp_dir), cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -73,7 +83,8 @@ def s3_out(s3, u2netp_dir) -> tuple[str, str, int]:
     return out, log, second.pid
 
 
-def test_a_killed_driver_rerun_gives_the_clean_runs_samples_written_by_the_workers(s3_out, curated_out):
+def test_a_killed_worker_and_driver_then_a_rerun_give_the_clean_runs_samples_written_by_the_workers(s3_out,
+                                                                                                   curated_out):
     out, log, driver_pid = s3_out
     assert sample_set(out) == sample_set(curated_out)  # the sequential local fixture run: same settings
     assert "1 already committed" in log  # the rerun resumed from what the killed driver had committed
