@@ -97,13 +97,16 @@ class RayTasks:
         import ray
 
         self._remote = ray.remote(num_cpus=0, max_retries=3, retry_exceptions=True)(assemble_shard)
-        self._nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
+        self._nodes: list[str] = []
         self._turn = 0
 
     def submit(self, fn, *args):
+        import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         assert fn is assemble_shard
+        if self._turn % 64 == 0:  # now and then: nodes an autoscaler added, or lost
+            self._nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
         options = {}
         if self._nodes:
             node = self._nodes[self._turn % len(self._nodes)]
