@@ -72,3 +72,25 @@ def test_caption_for_span_prefers_the_most_overlapping_shot():
     assert caption_for_span(entry, 0.0, 2.0)["text"] == "A"
     assert caption_for_span(entry, 20.0, 22.0)["text"] == "whole"
     assert caption_for_span(None, 0, 1) is None
+
+
+def test_inputs_in_object_storage_by_prefix_object_and_pattern(s3_server):
+    from pipeline.core.storage import open_storage
+    from pipeline.sources.inputs import iter_inputs
+
+    s3_server.create_bucket("inputs-test")
+    store = open_storage("s3://inputs-test/corpus")
+    for rel in ("a/one.mp4", "a/two.MOV", "a/notes.txt", "b/three.mp4"):
+        store.write_bytes(rel, b"x" * 10)
+    problems: list[dict] = []
+    found = list(iter_inputs(["s3://inputs-test/corpus/a", "s3://inputs-test/corpus/b/three.mp4",
+                              "s3://inputs-test/corpus/*.mp4", "s3://inputs-test/nothing/"], EXTS, problems))
+    uris = [e.uri for e in found]
+    # each input once, in listing order: the prefix walk keeps video extensions (any case), the named object and
+    # the pattern add nothing new
+    assert uris == ["s3://inputs-test/corpus/a/one.mp4", "s3://inputs-test/corpus/a/two.MOV",
+                    "s3://inputs-test/corpus/b/three.mp4"]
+    assert all(e.size == 10 and e.mtime_ns > 0 for e in found)
+    assert [p["source"] for p in problems] == ["s3://inputs-test/nothing/"]
+    records = source_records(found, {})
+    assert records[0].source_path == uris[0] and records[0].meta["source"]["size"] == 10
