@@ -110,7 +110,7 @@ def record_digest(record: Record) -> dict:
                    "mtime_ns": src.get("mtime_ns"), "duration_s": (src.get("probe") or {}).get("duration_s", 0.0)},
         "errors": [{"source": record.source_path, "key": record.key, **e} for e in record.errors],
         "warnings": record.meta.get("warnings", []),
-        "timings": record.meta.get("timings", {}),
+        "timings": _rounded(record.meta.get("timings", {})),
         "status": [status, stage, reason],
         "staged": None,  # {"rel", "bytes"} of a kept clip's sample, written by the worker
         "reject": None,  # {"reason": "stage/reason", "staged": {...}} of a dropped clip kept as an example
@@ -122,6 +122,11 @@ def record_digest(record: Record) -> dict:
         if status == "kept":
             digest["row"] = manifest_row(record)
     return bound_digest(digest)
+
+
+def _rounded(seconds: dict) -> dict:
+    """Per-stage figures to 0.1 ms (or 0.1 MB): a float's 17 digits are bytes on the wire and nothing to a reader."""
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in seconds.items()}
 
 
 def bound_digest(digest: dict) -> dict:
@@ -166,7 +171,7 @@ class SampleStager:
         light = Record(kind=record.kind, source_path=record.source_path, key=record.key, source_id=record.source_id,
                        clips_planned=record.clips_planned, errors=record.errors, drop=record.drop)
         # The cost meter's inputs (pipeline/run/pools.py CostMeter.observe); the wall timings travel in the digest.
-        light.meta = {k: record.meta[k] for k in ("cpu_s", "peak_rss_mb") if k in record.meta}
+        light.meta = {k: _rounded(record.meta[k]) for k in ("cpu_s", "peak_rss_mb") if k in record.meta}
         light.meta["digest"] = digest
         return light
 
