@@ -67,8 +67,9 @@ class ShardWriter:
     "sha256"} with the keys it holds."""
 
     def __init__(self, out, prefix: str, cfg: OutputConfig | None, start: int,
-                 on_shard: Callable[[dict, list[str]], None], directory: str = SHARD_DIR):
+                 on_shard: Callable[[dict, list[str]], None], directory: str = SHARD_DIR, name: str | None = None):
         self.storage = as_storage(out)
+        self.name = name  # one shard of this exact path (`write_shard`), instead of numbered ones
         self.prefix, self.directory, self.on_shard = prefix, directory, on_shard
         self.max_count = cfg.shard_max_samples if cfg else None
         self.max_bytes = cfg.shard_max_mb * 1e6 if cfg else None
@@ -97,7 +98,7 @@ class ShardWriter:
         if self._full():
             self._finish()
         if self._tar is None:
-            self._begin(f"{self.directory}/{self.prefix}-{self.next:06d}.tar")
+            self._begin(self.name or f"{self.directory}/{self.prefix}-{self.next:06d}.tar")
             self.next += 1
         self._tar.write(sample)
         self._keys.append(sample["__key__"])
@@ -131,20 +132,18 @@ class ShardWriter:
 
 
 def write_shard(out, rel: str, samples: Iterable[dict]) -> dict:
-    """One whole shard at `rel` from `samples`: {"shard", "nsamples", "bytes", "sha256", "keys"}."""
-    directory, _, filename = rel.rpartition("/")
+    """One whole shard at `rel` from `samples` (at least one): {"shard", "nsamples", "bytes", "sha256", "keys"}."""
     made: list[dict] = []
-    writer = ShardWriter(out, "", None, 0, lambda shard, keys: made.append({**shard, "keys": keys}), directory)
-    writer._rel = rel
-    writer._begin(rel)
+    writer = ShardWriter(out, "", None, 0, lambda shard, keys: made.append({**shard, "keys": keys}), name=rel)
     try:
         for sample in samples:
-            writer._tar.write(sample)
-            writer._keys.append(sample["__key__"])
+            writer.write(sample)
     except BaseException:
-        writer.abort()
+        writer.abort()  # nothing half-written is published
         raise
-    writer._finish()
+    writer.close()
+    if not made:
+        raise ValueError(f"{rel}: no samples to write")
     return made[0]
 
 
