@@ -26,7 +26,7 @@ from pipeline import __version__
 from pipeline.core.config import ConfigError, RunConfig
 from pipeline.core.record import Record, table_to_records
 from pipeline.core.stage import FanOutStage, Stage, run_stages
-from pipeline.core.storage import Storage, open_storage
+from pipeline.core.storage import Storage, StorageError, open_storage
 from pipeline.postpass.cross_pairs import build_cross_pairs
 from pipeline.run.pools import (
     CostMeter,
@@ -59,6 +59,19 @@ def _check_config(out: Storage, config: RunConfig) -> None:
                 "Resume with the same settings (input.*, ray.*, resources and shard sizes may change), "
                 "or use a new --output directory."
             )
+
+
+def _check_writable(out: Storage) -> None:
+    """Fail at once, naming the output, when it cannot be written (a missing bucket, a read-only role, a directory
+    without permission), not after the inputs were listed."""
+    probe = ".s2v-write-check"
+    try:
+        out.write_bytes(probe, b"")
+        out.delete(probe)
+    except OSError as exc:
+        if isinstance(exc, StorageError):
+            raise
+        raise StorageError(f"--output {out}: cannot write there ({exc.strerror or exc})") from None
 
 
 def _save_config(out: Storage, config: RunConfig) -> None:
@@ -300,6 +313,7 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
     console = console or Console(stderr=True)
     started = time.time()
     out = open_storage(out_dir, "--output")
+    _check_writable(out)
     _check_config(out, config)
     preflight(config)
     input_errors: list[dict] = []

@@ -150,3 +150,12 @@ def test_an_unsupported_or_unreachable_output_is_refused_without_creating_a_loca
     result = CliRunner().invoke(main, ["curate", "run", "--input", str(tmp_path), "--output", "ftp://host/out"])
     assert result.exit_code == 2 and "ftp:// scheme is not supported" in result.output
     assert not any(tmp_path.iterdir()) and not Path("ftp:").exists() and not Path("s3:").exists()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_anything_else(s3, tmp_path):
+    from pipeline.cli.main import main
+
+    result = CliRunner().invoke(main, ["curate", "run", "--input", str(tmp_path), "--output",
+                                       "s3://no-such-bucket/out"])
+    assert result.exit_code == 2 and "s3://no-such-bucket/out" in result.output and "cannot write" in result.output
+    assert s3.secret not in result.output
