@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from pipeline.core.storage import Storage, open_storage
 
 LEDGER_NAME = "ledger.jsonl"
 SEGMENT_DIR = "ledger"  # the log on an object store: one object per commit
+_SEGMENT = re.compile(rf"{SEGMENT_DIR}/\d{{12}}\.jsonl")
 SHARD_DIR = "shards"
 REJECTS_DIR = "rejects"  # examples of dropped clips, apart from the training shards
 # Samples written by the workers, waiting for their source to complete and be assembled into a shard
@@ -100,12 +102,16 @@ class Ledger:
         """The log's lines in commit order."""
         if not self.remote:
             return self.path.read_text().splitlines() if self.path.exists() else []
-        names = sorted(e.rel for e in self.storage.list(SEGMENT_DIR) if e.rel.endswith(".jsonl"))
+        names = self._segments()
         if names:
             self._next_segment = max(self._next_segment or 0, _segment_number(names[-1]) + 1)
         with ThreadPoolExecutor(8) as pool:  # one request each: in parallel, or a long log reads slowly
             texts = list(pool.map(self.storage.read_text, names))
         return [line for text in texts for line in text.splitlines()]
+
+    def _segments(self) -> list[str]:
+        """The commit objects in commit order; anything else under ledger/ is not ours and is ignored."""
+        return sorted(e.rel for e in self.storage.list(SEGMENT_DIR) if _SEGMENT.fullmatch(e.rel))
 
     def read(self) -> LedgerState:
         """Parse the log; a torn last line (killed mid-append) is ignored: its commit never happened."""
@@ -145,8 +151,7 @@ class Ledger:
         text = "".join(json.dumps(entry, separators=(",", ":")) + "\n" for entry in entries)
         if self.remote:
             if self._next_segment is None:
-                names = [e.rel for e in self.storage.list(SEGMENT_DIR) if e.rel.endswith(".jsonl")]
-                self._next_segment = max((_segment_number(n) + 1 for n in names), default=0)
+                self._next_segment = max((_segment_number(n) + 1 for n in self._segments()), default=0)
             self.storage.write_text(f"{SEGMENT_DIR}/{self._next_segment:012d}.jsonl", text)
             self._next_segment += 1
             return

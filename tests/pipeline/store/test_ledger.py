@@ -39,7 +39,9 @@ def test_commits_are_objects_in_commit_order_and_recovery_removes_what_none_name
     lines = [json.loads(line) for line in store.read_text(segments[0]).splitlines()]
     assert [(e["shard"], len(e["sources"])) for e in lines] == [("shards/train-000000.tar", 0),
                                                                 ("shards/train-000001.tar", 1)]
-    # A fresh reader (another process) sees the same state and numbers its next commit after the last one.
+    # A fresh reader (another process) sees the same state and numbers its next commit after the last one; an
+    # object under ledger/ that is not a numbered commit is not ours and is ignored.
+    store.write_text("ledger/notes.jsonl", '{"type": "source", "source_id": "stray"}')
     state = Ledger(out).read()
     assert set(state.sources) == {"a" * 64, "b" * 64} and len(state.shards) == 2
     # Debris of a crash: a shard published but never committed, an example without its line, staged samples.
@@ -47,7 +49,8 @@ def test_commits_are_objects_in_commit_order_and_recovery_removes_what_none_name
     store.write_bytes("rejects/rejects-000000.tar", b"uncommitted")
     stage_sample(out, "run2", {"__key__": "k9", "json": b"{}"})
     state = Ledger(out).recover()
-    assert sorted(e.rel for e in store.list()) == [*segments, "shards/train-000000.tar", "shards/train-000001.tar"]
+    assert sorted(e.rel for e in store.list()) == [*segments, "ledger/notes.jsonl", "shards/train-000000.tar",
+                                                   "shards/train-000001.tar"]
     again = Ledger(out)
     again.append({"type": "run", "wall_s": 1})
     assert sorted(e.rel for e in store.list("ledger"))[-1] == "ledger/000000000002.jsonl"
