@@ -53,5 +53,5 @@ def test_commits_are_objects_in_commit_order_and_recovery_removes_what_none_name
                                                    "shards/train-000001.tar"]
     again = Ledger(out)
     again.append({"type": "run", "wall_s": 1})
-    assert sorted(e.rel for e in store.list("ledger"))[-1] == "ledger/000000000002.jsonl"
+    assert "ledger/000000000002.jsonl" in {e.rel for e in store.list("ledger")}
     assert len(Ledger(out).read().runs) == 1
