@@ -18,7 +18,6 @@ have no append and no rename; the commit protocol built on these writes is in pi
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -99,9 +98,6 @@ class Storage:
 
     uri: str
     remote: bool
-
-    def child(self, rel: str) -> Storage:
-        return open_storage(join(self.uri, rel))
 
     def join(self, rel: str) -> str:
         return join(self.uri, rel)
@@ -516,11 +512,3 @@ def open_storage(uri: str | os.PathLike, what: str = "path") -> Storage:
     """The storage at `uri` (checked by `check_uri`)."""
     uri = check_uri(uri, what)
     return ObjectStorage(uri) if is_remote(uri) else LocalStorage(uri)
-
-
-def sha256_of(storage: Storage, rel: str) -> str:
-    digest = hashlib.sha256()
-    with storage.open_read(rel) as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()

@@ -222,7 +222,6 @@ class ShardAssembler:
         self._parts: list[tuple[str, dict]] = []  # (key, staged) of the pending group
         self._bytes = 0
         self._running: list[_Group] = []
-        self.shards_written = self.samples_written = 0
 
     def add_source(self, entry: dict | None, staged: list[tuple[str, dict]], extra: dict | None = None) -> None:
         """A whole source: its ledger `entry` (None for rejects) and its staged samples [(key, {"rel", "bytes"})]
@@ -283,8 +282,6 @@ class ShardAssembler:
             self.ledger.append_many(self._lines(group))
             # Committed: the staged samples are no longer needed (a crash before this leaves them to `recover`).
             self.storage.delete_many(staged)
-            self.shards_written += len(group.shards)
-            self.samples_written += sum(s["nsamples"] for s in group.shards)
             done.append(group)
         return done
 
@@ -295,10 +292,6 @@ class ShardAssembler:
         lines = [{"type": "shard", **shard, "sources": []} for shard in group.shards]
         lines[-1]["sources"] = group.sources
         return lines
-
-    @property
-    def busy(self) -> bool:
-        return bool(self._running or self._parts)
 
     def close(self) -> list[_Group]:
         """Write what is pending and commit everything still running."""
