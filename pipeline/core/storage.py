@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -37,6 +38,11 @@ TMP_SUFFIX = ".tmp"  # a POSIX file being written; never a committed name
 
 class StorageError(UserFacingError, OSError):
     """A URI that cannot be used, or a store that refused a request; the message names the URI and the fix."""
+
+
+class UnsafeFile(StorageError):
+    """In a directory read as data from elsewhere: a symbolic link below its root, or something that is not a
+    regular file (a FIFO, a device, a socket) where a file is read. Never followed, read or deleted through."""
 
 
 @dataclass(frozen=True)
@@ -109,11 +115,22 @@ class Storage:
     def exists(self, rel: str = "") -> bool:
         raise NotImplementedError
 
-    def read_bytes(self, rel: str) -> bytes:
-        raise NotImplementedError
+    def read_bytes(self, rel: str, max_bytes: int | None = None) -> bytes:
+        """The whole file; with `max_bytes`, a file larger than that is refused (StorageError) before it is read."""
+        if max_bytes is not None:
+            entry = self.info(rel)
+            if entry is not None and entry.size > max_bytes:
+                raise StorageError(f"{self.join(rel)}: {entry.size} bytes, over the {max_bytes} byte limit for it "
+                                   "(docs/security.md); not read")
+        with self.open_read(rel) as f:
+            return f.read()
 
-    def read_text(self, rel: str) -> str:
-        return self.read_bytes(rel).decode()
+    def read_text(self, rel: str, max_bytes: int | None = None) -> str:
+        data = self.read_bytes(rel, max_bytes)
+        try:
+            return data.decode()
+        except UnicodeDecodeError as exc:
+            raise StorageError(f"{self.join(rel)}: not UTF-8 text ({exc})") from None
 
     def open_read(self, rel: str) -> BinaryIO:
         """A seekable binary file; the caller closes it."""
@@ -122,6 +139,11 @@ class Storage:
     def list(self, rel: str = "") -> Iterator[Entry]:
         """Every file below `rel`, recursively, as a stream (pages of an object listing, or a directory walk)."""
         raise NotImplementedError
+
+    def irregular(self, rel: str = "") -> Iterator[tuple[str, str]]:
+        """(path, what it is) of everything below `rel` that `list` leaves out because it is not a regular file
+        (a strict local directory's symlinks, FIFOs, devices, sockets). Object stores hold only objects."""
+        return iter(())
 
     @contextmanager
     def local_copy(self, rel: str, scratch: str | None = None) -> Iterator[Path]:
@@ -176,60 +198,127 @@ class Storage:
 
 
 class LocalStorage(Storage):
+    """A POSIX directory. `strict` (output directories, which may come from elsewhere): below the root nothing is a
+    symbolic link, and only regular files are read, listed or deleted; a symlink or a special file where a file or
+    folder is addressed raises UnsafeFile. The root itself is what the operator named and may be a link. (A race
+    with someone changing the directory while it is read is outside this: the threat is a shared copy.)"""
+
     remote = False
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, strict: bool = False):
         self.uri = uri
         self.root = Path(uri)
+        self.strict = strict
 
     def _path(self, rel: str) -> Path:
-        return self.root / rel if rel else self.root
+        if not self.strict:
+            return self.root / rel if rel else self.root
+        path = self.root
+        for part in Path(rel).parts if rel else ():
+            if part in ("..", "/", ".") or os.sep in part:
+                raise UnsafeFile(f"{self.root}: {rel!r} leaves the directory; refusing it")
+            path = path / part
+            try:
+                mode = os.lstat(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return self.root / rel  # the rest does not exist: nothing to follow
+            if stat.S_ISLNK(mode):
+                raise UnsafeFile(f"{path} is a symbolic link; an output directory is read without following links "
+                                 "(replace it with the file or folder itself)")
+        return path
+
+    def _regular(self, rel: str) -> Path:
+        """The path of `rel`, which must be a regular file if it exists (strict mode)."""
+        path = self._path(rel)
+        if self.strict:
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:
+                return path
+            if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+                raise UnsafeFile(f"{path} is {_kind(mode)}, not a regular file; refusing to read it")
+        return path
+
+    def checked_path(self, rel: str) -> Path:
+        """The POSIX path of `rel` after the strict checks: what callers that open files themselves must use."""
+        return self._regular(rel)
+
+    def __reduce__(self):
+        return LocalStorage, (self.uri, self.strict)
 
     def local_path(self, rel: str = "") -> Path:
         return self._path(rel)
 
     def info(self, rel: str) -> Entry | None:
+        path = self._regular(rel)
         try:
-            st = os.stat(self._path(rel))
+            st = os.stat(path)
         except OSError:
             return None
-        return Entry(rel, str(self._path(rel)), st.st_size, st.st_mtime_ns)
+        return Entry(rel, str(path), st.st_size, st.st_mtime_ns)
 
     def exists(self, rel: str = "") -> bool:
         return self._path(rel).exists()
 
-    def read_bytes(self, rel: str) -> bytes:
-        return self._path(rel).read_bytes()
-
     def open_read(self, rel: str) -> BinaryIO:
-        return open(self._path(rel), "rb")  # noqa: SIM115 - the caller closes it
+        path = self._path(rel)
+        if not self.strict:
+            return open(path, "rb")  # noqa: SIM115 - the caller closes it
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: the last component is no link either.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise UnsafeFile(f"{path} is {_kind(mode)}, not a regular file; refusing to read it")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
 
     def list(self, rel: str = "") -> Iterator[Entry]:
+        for path, st in self._walk(rel):
+            if stat.S_ISREG(st.st_mode) or (not self.strict and not stat.S_ISDIR(st.st_mode)):
+                yield Entry(path.relative_to(self.root).as_posix(), str(path), st.st_size, st.st_mtime_ns)
+
+    def irregular(self, rel: str = "") -> Iterator[tuple[str, str]]:
+        if self.strict:
+            for path, st in self._walk(rel):
+                if not stat.S_ISREG(st.st_mode):
+                    yield path.relative_to(self.root).as_posix(), _kind(st.st_mode)
+
+    def _walk(self, rel: str) -> Iterator[tuple[Path, os.stat_result]]:
+        """(path, stat) of each entry below `rel` in sorted order; strict: lstat, links never followed (a linked
+        folder is an entry, not descended), else the files os.walk finds, stat'ed through links."""
         base = self._path(rel)
-        if base.is_file():
-            yield from filter(None, [self.info(rel)])
+        try:
+            top = os.lstat(base) if self.strict else os.stat(base)
+        except OSError:
+            return
+        if not stat.S_ISDIR(top.st_mode):
+            yield base, top
             return
         for root, dirs, files in os.walk(base):
             dirs.sort()
-            for file in sorted(files):
+            names = sorted(files + [d for d in dirs if os.path.islink(os.path.join(root, d))]) if self.strict \
+                else sorted(files)
+            for file in names:
                 path = Path(root) / file
                 try:
-                    st = path.stat()
+                    st = os.lstat(path) if self.strict else path.stat()
                 except OSError:
                     continue
-                yield Entry(path.relative_to(self.root).as_posix(), str(path), st.st_size, st.st_mtime_ns)
+                yield path, st
 
     @contextmanager
     def local_copy(self, rel: str, scratch: str | None = None) -> Iterator[Path]:
-        yield self._path(rel)
+        yield self._regular(rel)
 
     def download(self, rel: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self._path(rel), dest)
+        with self.open_read(rel) as src, open(dest, "wb") as f:
+            shutil.copyfileobj(src, f, 1 << 20)
 
     @contextmanager
     def open_write(self, rel: str) -> Iterator[BinaryIO]:
-        path = self._path(rel)
+        path = self._regular(rel)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + TMP_SUFFIX)
         try:
@@ -243,15 +332,24 @@ class LocalStorage(Storage):
             raise
 
     def delete(self, rel: str) -> None:
+        # A link itself may be removed (unlink never follows the last component); never anything through one.
         self._path(rel).unlink(missing_ok=True)
 
     def delete_tree(self, rel: str) -> int:
         path = self._path(rel)
-        if not path.is_dir():
+        if path.is_symlink() or not path.is_dir():
             return 0
         count = sum(len(files) for _, _, files in os.walk(path))
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)  # removes links inside, never what they point to
         return count
+
+
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return what
+    return "not a regular file"
 
 
 _STORES: dict[tuple[str, str, str], object] = {}
@@ -348,9 +446,11 @@ class ObjectStorage(Storage):
             return True
         return next(self.list(rel), None) is not None  # a "directory": some object below it
 
-    def read_bytes(self, rel: str) -> bytes:
+    def read_bytes(self, rel: str, max_bytes: int | None = None) -> bytes:
         import obstore
 
+        if max_bytes is not None:
+            return super().read_bytes(rel, max_bytes)
         try:
             return obstore.get(self.store, self._key(rel)).bytes().to_bytes()
         except FileNotFoundError:
@@ -508,7 +608,8 @@ class _Reader:
         self.close()
 
 
-def open_storage(uri: str | os.PathLike, what: str = "path") -> Storage:
-    """The storage at `uri` (checked by `check_uri`)."""
+def open_storage(uri: str | os.PathLike, what: str = "path", strict: bool = False) -> Storage:
+    """The storage at `uri` (checked by `check_uri`). `strict`: a local directory is read as data from elsewhere
+    (`LocalStorage`); output directories are always opened so."""
     uri = check_uri(uri, what)
-    return ObjectStorage(uri) if is_remote(uri) else LocalStorage(uri)
+    return ObjectStorage(uri) if is_remote(uri) else LocalStorage(uri, strict)

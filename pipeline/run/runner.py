@@ -312,7 +312,7 @@ def curate(config: RunConfig, out_dir: str | Path, console: Console | None = Non
 
     console = console or Console(stderr=True)
     started = time.time()
-    out = open_storage(out_dir, "--output")
+    out = open_storage(out_dir, "--output", strict=True)
     _check_writable(out)
     _check_config(out, config)
     preflight(config)

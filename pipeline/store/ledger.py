@@ -30,6 +30,7 @@ Where the log lives depends on the output's storage (pipeline/core/storage.py):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,9 @@ from pathlib import Path
 
 from pipeline.core.names import check_shard
 from pipeline.core.storage import Storage, open_storage
+from pipeline.core.untrusted import MB, HostileData, load_json, read_limits
+
+log = logging.getLogger(__name__)
 
 LEDGER_NAME = "ledger.jsonl"
 SEGMENT_DIR = "ledger"  # the log on an object store: one object per commit
@@ -76,7 +80,8 @@ class LedgerState:
 
 
 def as_storage(out: str | Path | Storage) -> Storage:
-    return out if isinstance(out, Storage) else open_storage(out, "output")
+    """An output directory: opened strict (no links followed, regular files only; pipeline/core/storage.py)."""
+    return out if isinstance(out, Storage) else open_storage(out, "output", strict=True)
 
 
 class Ledger:
@@ -96,17 +101,31 @@ class Ledger:
         """Has anything been committed here?"""
         if self.remote:
             return next(self.storage.list(SEGMENT_DIR), None) is not None
-        return self.path.is_file()
+        return self.storage.info(LEDGER_NAME) is not None
 
     def lines(self) -> list[str]:
-        """The log's lines in commit order."""
+        """The log's lines in commit order. A line longer than the read limit (`max_json_mb`, pipeline/core/
+        untrusted.py) is no line this project writes: it is left out (a ledger.jsonl that is a link or a device is
+        refused by the strict output storage before anything is read)."""
+        cap = int(read_limits().max_json_mb * MB)
         if not self.remote:
-            return self.path.read_text().splitlines() if self.path.exists() else []
+            if self.storage.info(LEDGER_NAME) is None:
+                return []
+            lines = []
+            with self.storage.open_read(LEDGER_NAME) as f:
+                while line := f.readline(cap + 1):
+                    if len(line) > cap:  # the rest of an over-long line, read and dropped in bounded pieces
+                        while line and not line.endswith(b"\n"):
+                            line = f.readline(cap + 1)
+                        log.warning("%s: a line over %d bytes left out", self.name, cap)
+                        continue
+                    lines.append(line.decode("utf-8", "replace").rstrip("\n"))
+            return lines
         names = self._segments()
         if names:
             self._next_segment = max(self._next_segment or 0, _segment_number(names[-1]) + 1)
         with ThreadPoolExecutor(8) as pool:  # one request each: in parallel, or a long log reads slowly
-            texts = list(pool.map(self.storage.read_text, names))
+            texts = list(pool.map(lambda n: self.storage.read_text(n, cap), names))
         return [line for text in texts for line in text.splitlines()]
 
     def _segments(self) -> list[str]:
@@ -114,12 +133,17 @@ class Ledger:
         return sorted(e.rel for e in self.storage.list(SEGMENT_DIR) if _SEGMENT.fullmatch(e.rel))
 
     def read(self) -> LedgerState:
-        """Parse the log; a torn last line (killed mid-append) is ignored: its commit never happened."""
+        """Parse the log; a torn last line (killed mid-append) is ignored: its commit never happened. A line that is
+        not an entry this project writes (a foreign or damaged log) is left out with a warning."""
         state = LedgerState()
+        bad = 0
         for line in self.lines():
             try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
+                entry = load_json(line, self.name)
+            except HostileData:
+                continue  # torn
+            if not _well_formed(entry):
+                bad += 1
                 continue
             kind = entry.get("type")
             if kind == "shard":
@@ -138,6 +162,8 @@ class Ledger:
                 state.cross = entry
             elif kind == "rejects":
                 state.rejects[entry["shard"]] = entry
+        if bad:
+            log.warning("%s: %d lines are not ledger entries of this project; left out", self.name, bad)
         return state
 
     def append(self, entry: dict) -> None:
@@ -156,7 +182,7 @@ class Ledger:
             self._next_segment += 1
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
+        with open(self.storage.checked_path(LEDGER_NAME), "a") as f:  # never appends through a link
             # A torn line from a killed writer must not swallow this entry: start on a fresh line.
             if f.tell() > 0 and not self._ends_with_newline():
                 f.write("\n")
@@ -165,7 +191,7 @@ class Ledger:
             os.fsync(f.fileno())
 
     def _ends_with_newline(self) -> bool:
-        with open(self.path, "rb") as f:
+        with self.storage.open_read(LEDGER_NAME) as f:
             f.seek(-1, os.SEEK_END)
             return f.read(1) == b"\n"
 
@@ -194,25 +220,59 @@ class Ledger:
         return state
 
     def _has_torn_line(self) -> bool:
-        return self.path.exists() and self.path.stat().st_size > 0 and not self._ends_with_newline()
+        entry = self.storage.info(LEDGER_NAME)
+        return entry is not None and entry.size > 0 and not self._ends_with_newline()
 
     def _rewrite(self, drop_shards: set[str]) -> None:
         """Rewrite the log without torn lines and without the entries of removed shards."""
         kept = []
-        for line in self.path.read_text().splitlines():
+        for line in self.lines():
             try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
+                entry = load_json(line, self.name)
+            except HostileData:
                 continue
             if entry.get("type") == "shard" and entry["shard"] in drop_shards:
                 continue
             kept.append(line + "\n")
-        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp = self.storage.checked_path(LEDGER_NAME + ".tmp")
         with open(tmp, "w") as f:
             f.writelines(kept)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+def _is(value, kind) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _well_formed_source(source) -> bool:
+    return (isinstance(source, dict) and _is(source.get("source_id"), str) and _is(source.get("path"), str)
+            and _is(source.get("samples", []), list)
+            and all(isinstance(r, dict) and _is(r.get("key"), str) for r in source.get("samples", [])))
+
+
+def _well_formed(entry) -> bool:
+    """The fields the readers of the log rely on have their types (a foreign log is checked, not trusted)."""
+    if not isinstance(entry, dict):
+        return False
+    kind = entry.get("type")
+    if kind in ("shard", "rejects"):
+        ok = (_is(entry.get("shard"), str) and _is(entry.get("keys", []), list)
+              and all(_is(k, str) for k in entry.get("keys", [])))
+        if kind == "shard":
+            ok = ok and _is(entry.get("sources", []), list) and all(map(_well_formed_source, entry.get("sources", [])))
+        return ok
+    if kind == "source":
+        return _well_formed_source(entry)
+    if kind == "input_error":
+        return _is(entry.get("source"), str) and _is(entry.get("reason"), str)
+    if kind == "duplicate":
+        return _is(entry.get("path"), str) and _is(entry.get("source_id"), str)
+    if kind == "cross":
+        return (_is(entry.get("shards", []), list) and _is(entry.get("samples", []), list)
+                and all(isinstance(s, dict) and _is(s.get("shard"), str) for s in entry.get("shards", [])))
+    return True
 
 
 def _segment_number(rel: str) -> int:

@@ -31,11 +31,15 @@ import numpy as np
 import webdataset as wds
 
 from pipeline.core.config import OutputConfig
+from pipeline.core.errors import UserFacingError
 from pipeline.core.names import split_member
-from pipeline.core.storage import TMP_SUFFIX
+from pipeline.core.storage import TMP_SUFFIX, open_storage, parent
+from pipeline.core.storage import name as name_of
+from pipeline.core.untrusted import ReadLimits, read_limits
 from pipeline.store.ledger import REJECTS_DIR, SHARD_DIR, STAGING_DIR, Ledger, LedgerState, as_storage
 
-__all__ = ["TMP_SUFFIX", "ShardWriter", "ShardSink", "ShardAssembler", "iter_members", "read_shard_samples"]
+__all__ = ["TMP_SUFFIX", "ShardError", "ShardWriter", "ShardSink", "ShardAssembler", "iter_members", "iter_samples",
+           "read_shard_samples"]
 
 
 def shard_number(name: str) -> int:
@@ -342,26 +346,126 @@ class ShardSink:
             self._writer = None
 
 
+class ShardError(UserFacingError, ValueError):
+    """A shard that is not one of ours and is not read further: compressed, not a tar, cut short, or holding a
+    member that is not a plain regular file within its size cap. `reason` is a short stable code (verify reports
+    it); the message names the shard and the member."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# Compressed streams tarfile (and webdataset's "r|*") would inflate transparently: a 9 MB file can hold gigabytes.
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd",
+               b"\x04\x22\x4d\x18": "lz4"}
+_REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE)
+_MEMBER_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.DIRTYPE: "a folder",
+                 tarfile.FIFOTYPE: "a FIFO", tarfile.CHRTYPE: "a device", tarfile.BLKTYPE: "a device",
+                 tarfile.GNUTYPE_SPARSE: "a sparse file", tarfile.CONTTYPE: "a contiguous file"}
+
+
 def open_shard(shard) -> BinaryIO:
-    """A shard given as a local path, or as (storage, path relative to it), opened for reading."""
+    """A shard given as a local path or URI, or as (storage, path relative to it), opened for reading: a regular
+    file, never through a link (the file's own folder is opened strict, pipeline/core/storage.py)."""
     if isinstance(shard, tuple):
         storage, rel = shard
         return storage.open_read(rel)
-    return open(shard, "rb")  # noqa: SIM115 - the caller closes it
+    text = str(shard)
+    return open_storage(parent(text), "shard", strict=True).open_read(name_of(text))
 
 
-def iter_members(shard, label: str | None = None) -> Iterator[tuple[str, str, tarfile.TarInfo, Callable[[], bytes]]]:
-    """The one shard reader: (key, part, tar member, read) for each file member of one of our tars (a local path,
-    or (storage, rel) for any storage), in tar order. Names are checked as they come (`split_member`: a path,
-    "..", or anything but KEY.PART raises UnsafeName, naming `label`, else the shard): such a tar is not one of
-    ours. `read()` returns the member's bytes; members nobody reads are skipped by their headers, so picking a few
-    parts out of a big shard reads only their bytes."""
+class _Bounded:
+    """A shard file as tarfile sees it: no read past the file's end is even requested (a header declaring
+    gigabytes in a small file allocates nothing), and no single read may exceed `cap` (the largest part cap:
+    tarfile reads pax and long-name headers whole, and would read a member whole)."""
+
+    def __init__(self, f: BinaryIO, size: int, cap: int, where: str):
+        self._f, self.size, self.cap, self.where = f, size, cap, where
+
+    def read(self, n: int = -1) -> bytes:
+        remaining = max(0, self.size - self._f.tell())
+        n = remaining if n is None or n < 0 else min(n, remaining)
+        if n > self.cap:
+            raise ShardError("member_too_large", f"{self.where}: a {n}-byte header or member, over the read limit")
+        return self._f.read(n)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+def iter_members(shard, label: str | None = None, limits: ReadLimits | None = None,
+                 ) -> Iterator[tuple[str, str, tarfile.TarInfo, Callable[[], bytes]]]:
+    """The one shard reader: (key, part, tar member, read) for each member of one of our tars (a local path or
+    URI, or (storage, rel) for any storage), in tar order. `read()` returns the member's bytes; members nobody
+    reads are skipped by their headers, so picking a few parts out of a big shard reads only their bytes.
+
+    A shard from elsewhere is checked as it is read, before anything is allocated: a compressed file, a member that
+    is not a regular file (link, folder, FIFO, device, sparse), a member past the file's end or over its part's
+    size cap (`ReadLimits.part_bytes`), or a name that is not KEY.PART (`split_member`) raises ShardError naming
+    `label` (else the shard) and the member. Members before it have been yielded; nothing after it is."""
     where = label or (shard[0].join(shard[1]) if isinstance(shard, tuple) else str(shard))
-    with open_shard(shard) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for member in tar:
-            if member.isfile():
+    limits = limits or read_limits()
+    with open_shard(shard) as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        head = f.read(6)
+        f.seek(0)
+        for magic, kind in _COMPRESSED.items():
+            if head.startswith(magic):
+                raise ShardError("compressed_shard", f"{where}: a {kind}-compressed file; shards are plain tars "
+                                 "and are never inflated (decompress it yourself if you trust it)")
+        bounded = _Bounded(f, size, limits.largest_part_bytes(), where)
+        try:
+            tar = tarfile.open(fileobj=bounded, mode="r:")
+        except tarfile.TarError as exc:
+            raise ShardError("not_a_tar", f"{where}: not a readable tar ({exc})") from None
+        with tar:
+            while True:
+                try:
+                    member = tar.next()
+                except tarfile.TarError as exc:
+                    raise ShardError("truncated_tar", f"{where}: the tar stops being readable ({exc})") from None
+                if member is None:
+                    return
+                tar.members.clear()  # tarfile keeps every header it read: memory would grow with the member count
+                _check_member(member, where, size, limits)
                 key, part = split_member(member.name, where)
+                if member.size > limits.part_bytes(part):
+                    raise ShardError("member_too_large", f"{where}: member {member.name} declares {member.size} "
+                                     f"bytes, over the {limits.part_bytes(part)} byte cap for KEY.{part} "
+                                     f"(docs/security.md)")
                 yield key, part, member, lambda member=member: tar.extractfile(member).read()
+
+
+def _check_member(member: tarfile.TarInfo, where: str, size: int, limits: ReadLimits) -> None:
+    if member.type not in _REGULAR or member.sparse is not None:
+        what = "a sparse file" if member.sparse is not None else _MEMBER_KINDS.get(member.type, "not a regular file")
+        raise ShardError("irregular_member", f"{where}: member {member.name!r} is {what}; shards hold regular "
+                         "files only")
+    if member.offset_data + member.size > size:
+        raise ShardError("truncated_tar", f"{where}: member {member.name} needs {member.offset_data + member.size} "
+                         f"bytes, the file has {size} (cut short)")
+
+
+def iter_samples(shard, label: str | None = None, select: Callable[[str], bool] | None = None) -> Iterator[dict]:
+    """{"__key__", "__url__", part: bytes} per sample of one shard, in tar order, its members grouped as webdataset
+    groups them (consecutive members with one key); `select(part)` picks the parts read (all by default). Raises
+    ShardError as `iter_members` does, after the samples before the problem."""
+    where = label or (shard[0].join(shard[1]) if isinstance(shard, tuple) else str(shard))
+    sample: dict | None = None
+    for key, part, _member, read in iter_members(shard, where):
+        if sample is None or sample["__key__"] != key:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": where}
+        if select is None or select(part):
+            sample[part] = read()
+    if sample is not None:
+        yield sample
 
 
 def read_shard_samples(shard, keys: set[str] | None = None) -> dict[str, dict]:
