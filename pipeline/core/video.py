@@ -48,10 +48,28 @@ class ProbeInfo:
         return asdict(self)
 
 
-def probe(path: str | BinaryIO, name: str | None = None) -> ProbeInfo:
+def open_video(path: str | BinaryIO, max_pixels: int | None = None, name: str | None = None):
+    """`av.open(path)`; with `max_pixels` (a clip from a shard made elsewhere), the frame size is read from the
+    headers without decoding a frame and a video over it is refused (VideoError "too_large"), and FFmpeg itself is
+    told the limit, so a stream that changes size mid-way cannot decode a bigger frame either."""
+    if max_pixels is None:
+        return av.open(path)
+    limit = {"max_pixels": str(max_pixels)}
+    container = av.open(path, options=limit)  # the limit also stops the decode av.open does to find stream facts
+    if container.streams.video:
+        context = container.streams.video[0].codec_context
+        if context.width * context.height > max_pixels:
+            container.close()
+            raise VideoError("too_large", f"{name or path}: {context.width}x{context.height} frames, over the "
+                             f"limit of {max_pixels} pixels (S2V_LIMIT_MAX_PIXELS); not decoded")
+        context.options = limit
+    return container
+
+
+def probe(path: str | BinaryIO, name: str | None = None, max_pixels: int | None = None) -> ProbeInfo:
     """Read container/stream facts and decode the first frame (proving the file is a decodable video). `path` may
     be an open binary file (a clip read from a shard); `name` says what it is in errors (an input in object storage
-    is probed from a local copy: errors name the input, not the copy)."""
+    is probed from a local copy: errors name the input, not the copy). `max_pixels`: see `open_video`."""
     source = path
     if isinstance(source, str):
         size = os.path.getsize(source)
@@ -63,7 +81,7 @@ def probe(path: str | BinaryIO, name: str | None = None) -> ProbeInfo:
     if size == 0:
         raise VideoError("empty_file", f"{path}: the file is empty (0 bytes)")
     try:
-        container = av.open(source)
+        container = open_video(source, max_pixels, path)
     except (av.error.FFmpegError, UnicodeDecodeError) as exc:
         raise VideoError("not_a_video", f"{path}: FFmpeg cannot open it as a media file ({exc})") from None
     with container:
@@ -129,13 +147,17 @@ def iter_frames(
     size: tuple[int, int] | None = None,
     pix_fmt: str = "rgb24",
     threads: int = 1,
+    max_pixels: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield frames in display orientation as HxWx3 uint8 arrays, one at a time.
 
     `size` is the (width, height) to scale to, in display orientation. A decode error after some frames ends the
-    iteration with VideoError("truncated") so callers can keep what was decoded.
+    iteration with VideoError("truncated") so callers can keep what was decoded. `max_pixels`: see `open_video`.
     """
-    container = av.open(path)
+    try:
+        container = open_video(path, max_pixels)
+    except av.error.FFmpegError as exc:
+        raise VideoError("not_a_video", f"{path}: FFmpeg cannot open it ({exc})") from None
     try:
         stream = container.streams.video[0]
         # One decode thread by default: Ray runs one task per core, and extra threads would only contend.
@@ -160,27 +182,29 @@ def iter_frames(
 
 
 def read_frames(
-    path, indices, size: tuple[int, int] | None = None, pix_fmt: str = "rgb24"
+    path, indices, size: tuple[int, int] | None = None, pix_fmt: str = "rgb24", max_pixels: int | None = None
 ) -> dict[int, np.ndarray]:
     """Only the frames at `indices` (0-based), as {index: HxWx3 uint8} in display orientation.
 
     Seeks to the keyframe at or before the first index and converts only the wanted frames, so a late window of a
     clip with short GOPs costs a few frames of decoding, not the whole clip. Indices past the end are missing from
     the result; a decode error ends it early with what was read (like a truncated file). `path` may be a file-like.
+    `max_pixels`: see `open_video`.
     """
     wanted = sorted(set(indices))
     if not wanted:
         return {}
-    kept = _read_selected(path, wanted, size, pix_fmt, seek=wanted[0] > 0)
+    kept = _read_selected(path, wanted, size, pix_fmt, seek=wanted[0] > 0, max_pixels=max_pixels)
     if kept is None:  # frames without timestamps cannot be placed after a seek: read from the start instead
         if hasattr(path, "seek"):
             path.seek(0)
-        kept = _read_selected(path, wanted, size, pix_fmt, seek=False)
+        kept = _read_selected(path, wanted, size, pix_fmt, seek=False, max_pixels=max_pixels)
     return kept
 
 
-def _read_selected(path, wanted: list[int], size, pix_fmt: str, seek: bool) -> dict[int, np.ndarray] | None:
-    container = av.open(path)
+def _read_selected(path, wanted: list[int], size, pix_fmt: str, seek: bool,
+                   max_pixels: int | None = None) -> dict[int, np.ndarray] | None:
+    container = open_video(path, max_pixels)
     kept: dict[int, np.ndarray] = {}
     targets = set(wanted)
     try:
