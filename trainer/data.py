@@ -8,8 +8,8 @@ Each worker slot's stream is a pure function of (seed, epoch, rank, world_size, 
    workers), that level splits samples instead (sample i of the stream goes to i mod n), so the quickstart's one
    shard still feeds every rank and worker. With `resampled`, shards are drawn with replacement by
    `wds.ResampledShards` per (seed, epoch, rank, slot);
-2. samples: `wds.tarfile_samples` (only KEY.json, KEY.mp4, KEY.ref{k}.png and KEY.bg.png are read), a shuffle buffer
-   seeded per (seed, epoch, rank, slot);
+2. samples: the one hardened shard reader (`pipeline.store.shards.iter_samples`; only KEY.json, KEY.mp4,
+   KEY.ref{k}.png and KEY.bg.png are read), a shuffle buffer seeded per (seed, epoch, rank, slot);
 3. plans: the bucket, frame indices, crop and references of each sample, decided from KEY.json alone;
 4. batches: plans grouped per bucket until `batch_size` (a batch never mixes buckets), then decoded and collated.
 
@@ -24,8 +24,10 @@ including batches that were prefetched but not consumed when the state was taken
 then visits slots in the original order). If any of those inputs differ, the loader warns and restarts at the epoch
 the slowest slot was in (not exact).
 
-A sample that cannot be read (bad KEY.json, undecodable mp4, unreadable reference) is skipped with a warning that
-names its key and shard; an unreadable shard is skipped from the failing member on, with a warning naming it.
+Shards may come from elsewhere. A sample that cannot be used (KEY.json over the read limits or against its schema,
+an undecodable mp4, an image or video over the pixel limit, an unreadable reference) is skipped with a warning that
+names its key and shard; a shard that is unreadable, compressed, a link or holds a member that is not one of ours
+is skipped from the failing member on, with a warning naming it. No sample ends a training run.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import logging
 import math
 import random
 import re
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -52,10 +53,13 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.core.names import UnsafeName, check_key, check_shard, shard_path
+from pipeline.core.errors import UserFacingError
+from pipeline.core.names import UnsafeName, check_key, check_shard
 from pipeline.core.storage import check_uri, is_remote, open_storage, parent
-from pipeline.core.storage import name as name_of
+from pipeline.core.untrusted import MB, HostileData, check_image, load_json, read_limits
 from pipeline.core.video import VideoError, probe, read_frames
+from pipeline.store.sample_meta import parse_sample_meta
+from pipeline.store.shards import iter_samples
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +129,9 @@ class DataConfig(BaseModel):
 
 def resolve_shards(spec: str | Path | list) -> list[str]:
     """The shard tars `spec` names, in a stable order: an OUT dir's index.json (own and cross shards), a directory's
-    `*.tar` (or its `shards/`), a tar, or a list of any of these."""
+    `*.tar` (or its `shards/`), a tar, or a list of any of these. index.json is data from elsewhere: it is read with
+    the JSON limits, and an entry whose url is not `shards/NAME.tar`, or whose file is a link or no regular file, is
+    left out with a warning (an output directory is read strict: pipeline/core/storage.py)."""
     if isinstance(spec, (list, tuple)):
         return [url for item in spec for url in resolve_shards(item)]
     if not str(spec):
@@ -136,13 +142,15 @@ def resolve_shards(spec: str | Path | list) -> list[str]:
     if path.is_dir() and (path / "index.json").exists():
         path = path / "index.json"
     if path.is_file() and path.name == "index.json":
-        index = json.loads(path.read_text())
-        return [str(shard_path(path.parent, entry["url"])) for entry in index["shardlist"]]
+        return _indexed(open_storage(path.parent, "shards", strict=True))
     if path.is_dir():
         tars = sorted(path.glob("*.tar")) or sorted((path / "shards").glob("*.tar"))
         if not tars:
             raise FileNotFoundError(f"shards: no *.tar in {path} or {path / 'shards'}")
-        return [str(t) for t in tars]
+        regular = [t for t in tars if t.is_file() and not t.is_symlink()]
+        for skipped in sorted(set(tars) - set(regular)):
+            log.warning("shards: %s is a link or not a regular file; left out", skipped)
+        return [str(t) for t in regular]
     if path.is_file():
         return [str(path)]
     raise FileNotFoundError(f"shards: {spec} is not a shard, a directory of shards or an index.json")
@@ -156,19 +164,28 @@ def _resolve_remote(uri: str) -> list[str]:
     out = open_storage(parent(uri) if uri.endswith("/index.json") else uri)
     if out.info("index.json") is None:
         raise FileNotFoundError(f"shards: no index.json at {out.uri} (give the pipeline's output URI)")
-    index = json.loads(out.read_text("index.json"))
-    return [out.join(check_shard(entry["url"], out.uri)) for entry in index["shardlist"]]
+    return _indexed(out)
 
 
-def _open_object(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
-    """webdataset's opener for s3:// and gs:// shard URLs: a buffered stream through the one storage layer (the same
-    credentials chain as the pipeline; no CLI tools needed on the training nodes)."""
-    return open_storage(parent(url)).open_read(name_of(url))
-
-
-# webdataset opens every URL through its scheme table (webdataset.gopen.gopen_schemes, its documented hook).
-_GOPEN = sys.modules["webdataset.gopen"]
-_GOPEN.gopen_schemes["s3"] = _GOPEN.gopen_schemes["gs"] = _open_object
+def _indexed(out) -> list[str]:
+    """The shards index.json of output `out` lists that are safe to open, as paths or URIs."""
+    cap = int(read_limits().max_index_mb * MB)
+    index = load_json(out.read_bytes("index.json", cap), out.join("index.json"), cap)
+    entries = index.get("shardlist") if isinstance(index, dict) else None
+    if not isinstance(entries, list):
+        raise HostileData(f"{out.join('index.json')}: no shardlist (is it the index of an `s2v curate run`?)")
+    urls = []
+    for entry in entries:
+        url = entry.get("url") if isinstance(entry, dict) else None
+        try:
+            check_shard(url, out.uri)
+            if out.info(url) is None:
+                raise FileNotFoundError(f"{out.join(url)}: listed in index.json but missing")
+        except (UserFacingError, OSError) as exc:  # UnsafeName, UnsafeFile (a link, a FIFO), missing
+            log.warning("shards: leaving out an index.json entry: %s", exc)
+            continue
+        urls.append(out.join(url))
+    return urls
 
 
 def _seed(*parts) -> int:
@@ -233,7 +250,7 @@ def _clip_facts(meta: dict, mp4: bytes) -> tuple[int, int, int]:
     if all(clip.get(k) for k in ("width", "height", "num_frames")):
         return int(clip["width"]), int(clip["height"]), int(clip["num_frames"])
     try:  # KEY.json without clip facts (not from this pipeline): read them from the video itself
-        info = probe(io.BytesIO(mp4), name="the sample's mp4")
+        info = probe(io.BytesIO(mp4), name="the sample's mp4", max_pixels=read_limits().max_pixels)
     except VideoError as exc:
         raise SampleError(exc.message) from None
     return info.width, info.height, info.num_frames
@@ -289,10 +306,10 @@ def plan_sample(sample: dict, cfg: DataConfig, rng: random.Random) -> SamplePlan
         raise SampleError(str(exc)) from None
     if "json" not in sample or "mp4" not in sample:
         raise SampleError(f"missing {'KEY.json' if 'json' not in sample else 'KEY.mp4'}")
-    try:
-        meta = json.loads(sample["json"])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SampleError(f"KEY.json is not valid JSON ({exc})") from None
+    try:  # limits and the schema: ids bounded, sizes positive whole numbers (a bad number is a bad sample)
+        meta = parse_sample_meta(sample["json"], "KEY.json")
+    except HostileData as exc:
+        raise SampleError(str(exc)) from None
     width, height, n = _clip_facts(meta, sample["mp4"])
     bucket = choose_bucket(cfg.frame_buckets(), width, height, n, cfg.frame_stride)
     frames = frame_indices(n, bucket[0], cfg.frame_stride, cfg.clip_offset, rng)
@@ -318,7 +335,8 @@ def decode_clip(mp4: bytes, plan: SamplePlan) -> np.ndarray:
     top, left = (scaled_h - height) // 2, (scaled_w - width) // 2
     # Seeks to the keyframe before the window (pipeline clips have a keyframe every second) and scales only the
     # sampled frames.
-    decoded = read_frames(io.BytesIO(mp4), plan.frames, size=(scaled_w, scaled_h))
+    decoded = read_frames(io.BytesIO(mp4), plan.frames, size=(scaled_w, scaled_h),
+                          max_pixels=read_limits().max_pixels)
     kept = {i: rgb[top : top + height, left : left + width] for i, rgb in decoded.items()}
     if not kept:
         raise SampleError("the mp4 decoded to no frames")
@@ -356,6 +374,7 @@ def load_sample(plan: SamplePlan, cfg: DataConfig) -> dict:
     refs = []
     for ref in plan.refs:
         try:
+            check_image(plan.data[ref.member], f"KEY.{ref.member}")  # pixel count from the header, before decoding
             refs.append(letterbox(Image.open(io.BytesIO(plan.data[ref.member])), ref_h, ref_w))
         except Exception as exc:  # noqa: BLE001 - PIL raises several types for a truncated or foreign image
             raise SampleError(f"cannot decode KEY.{ref.member} ({exc})") from None
@@ -394,15 +413,20 @@ def collate(items: list[dict], cfg: DataConfig) -> dict:
     }
 
 
-def _wanted(fname: str) -> bool:
-    ext = fname.rsplit("/", 1)[-1].split(".", 1)[-1]
-    return ext in ("json", "mp4", "bg.png") or bool(_REF_MEMBER.fullmatch(ext))
+def _wanted(part: str) -> bool:
+    return part in ("json", "mp4", "bg.png") or bool(_REF_MEMBER.fullmatch(part))
 
 
-def _shard_error(exn: Exception) -> bool:
-    url = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), "?")
-    log.warning("skipping the rest of shard %s: %s", url, exn.args[0] if exn.args else exn)
-    return True
+def _read_shards(shards: Iterator[dict]) -> Iterator[dict]:
+    """The samples of each shard through the one hardened reader (pipeline/store/shards.py), only the parts the
+    loader uses; a shard that is unreadable, compressed, a link, or holds a member that is not one of ours is left
+    from the failing member on, with a warning naming it."""
+    for shard in shards:
+        url = shard["url"]
+        try:
+            yield from iter_samples(url, url, select=_wanted)
+        except (UserFacingError, OSError, ValueError) as exc:
+            log.warning("skipping the rest of shard %s: %s", url, exc)
 
 
 class ShardDataset(IterableDataset):
@@ -443,7 +467,7 @@ class ShardDataset(IterableDataset):
         """One epoch of this worker slot's batches, planned (not decoded)."""
         cfg = self.cfg
         shards, modulus, residue = self._part(epoch, slot, num_slots)
-        samples = wds.tarfile_samples(shards, handler=_shard_error, select_files=_wanted)
+        samples = _read_shards(shards)
         if modulus > 1:
             samples = islice(samples, residue, None, modulus)
         if self.shuffle:
@@ -454,7 +478,7 @@ class ShardDataset(IterableDataset):
         for sample in samples:
             try:
                 plan = plan_sample(sample, cfg, rng)
-            except (SampleError, KeyError, ValueError, TypeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - one bad sample from elsewhere never ends a training run
                 log.warning("skipping sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
                 continue
             group = pending.setdefault(plan.bucket, [])
@@ -479,7 +503,7 @@ class ShardDataset(IterableDataset):
                 for plan in plans:
                     try:
                         items.append(load_sample(plan, self.cfg))
-                    except SampleError as exc:
+                    except Exception as exc:  # noqa: BLE001 - skipped, as in planning
                         log.warning("skipping sample %s in %s: %s", plan.key, plan.url, exc)
                 if items:
                     batch = collate(items, self.cfg)

@@ -170,6 +170,30 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
+def load_npy(data: bytes, what: str):
+    """A `.npy` member as an array, without pickles and without trusting its header: the shape and dtype it declares
+    must account for exactly the bytes that follow (numpy would allocate the declared size first), and object
+    arrays are refused. HostileData otherwise."""
+    import numpy as np
+
+    buffer = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(buffer, max_header_size=10_000)
+    except (ValueError, OSError, SyntaxError) as exc:
+        raise HostileData(f"{what}: not a .npy array ({exc})") from None
+    if dtype.hasobject:
+        raise HostileData(f"{what}: an array of Python objects (a pickle); refusing it")
+    count = math.prod(shape)
+    if count * dtype.itemsize != len(data) - buffer.tell():
+        raise HostileData(f"{what}: declares {shape} {dtype}, which is not the {len(data) - buffer.tell()} bytes "
+                          "it holds")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=buffer.tell())
+    return array.reshape(shape, order="F" if fortran else "C")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Pixels
 

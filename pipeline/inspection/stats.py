@@ -11,24 +11,25 @@ from __future__ import annotations
 
 import json
 import math
-import tarfile
 from array import array
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.core.config import face_thresholds
 from pipeline.core.errors import UserFacingError
-from pipeline.core.names import UnsafeName, check_shard
-from pipeline.core.storage import Storage
+from pipeline.core.names import check_shard
+from pipeline.core.storage import Storage, UnsafeFile
+from pipeline.core.untrusted import MB, HostileData, load_yaml, printable, read_limits
 from pipeline.store.funnel import Funnel, recorded_order
 from pipeline.store.ledger import SHARD_DIR, Ledger, LedgerState, as_storage, own_sample_shards
 from pipeline.store.outputs import summarize
+from pipeline.store.sample_meta import parse_sample_meta
 from pipeline.store.shards import TMP_SUFFIX, iter_members
 
 VARIANTS = ("crop", "segment", "inpaint", "redux")
@@ -194,11 +195,11 @@ def read_config(out: Storage | Path) -> tuple[dict, str | None]:
     """config.yaml of the run over the defaults (so a key a later release added still has its value), and a note
     when the file is missing or unreadable (a run killed before it read its inputs has none)."""
     out = as_storage(out)
-    if out.info("config.yaml") is None:
-        return _defaults(), "no config.yaml: thresholds and ratios shown are the defaults"
     try:
-        data = yaml.safe_load(out.read_text("config.yaml")) or {}
-    except yaml.YAMLError as exc:
+        if out.info("config.yaml") is None:
+            return _defaults(), "no config.yaml: thresholds and ratios shown are the defaults"
+        data = load_yaml(out.read_text("config.yaml", int(read_limits().max_index_mb * MB)), "config.yaml") or {}
+    except UserFacingError as exc:  # HostileData (limits, bad YAML), UnsafeFile, StorageError
         return _defaults(), f"config.yaml unreadable ({exc}): thresholds and ratios shown are the defaults"
     return _merge(_defaults(), data if isinstance(data, dict) else {}), None
 
@@ -208,16 +209,25 @@ def read_samples(out: Storage, state: LedgerState, facts: SampleFacts) -> list[s
     the json members are read: tar headers are walked, the other members skipped."""
     wanted = own_sample_shards(state)
     problems = []
-    read = 0
+    read = bad = 0
     for shard in sorted(set(wanted.values())):
         try:
             for key, part, _member, read_member in iter_members((out, check_shard(shard, out)), shard):
                 if part == "json" and wanted.get(key) == shard:
-                    facts.add(json.loads(read_member()))
+                    try:
+                        meta = parse_sample_meta(read_member(), f"{shard} {key}.json")
+                    except HostileData as exc:  # one sample left out of the statistics, and said so
+                        bad += 1
+                        if bad <= 10:
+                            problems.append(f"left out: {exc}")
+                        continue
+                    facts.add(meta)
                     read += 1
-        except (OSError, tarfile.TarError, json.JSONDecodeError, UnsafeName) as exc:
+        except (OSError, UserFacingError) as exc:  # ShardError, UnsafeFile, UnsafeName, StorageError
             problems.append(f"{shard}: cannot read ({type(exc).__name__}: {exc})")
-    if read < len(wanted) and not problems:
+    if bad > 10:
+        problems.append(f"left out: {bad - 10} more samples whose KEY.json is not one of ours")
+    if read + bad < len(wanted) and not problems:
         problems.append(f"{len(wanted) - read} committed samples have no KEY.json in their shard")
     return problems
 
@@ -238,7 +248,10 @@ def load_run(out_dir: str | Path) -> RunData:
     facts = SampleFacts()
     problems = read_samples(out, state, facts)
     # Shards being written (POSIX: under a temporary name; an object appears only when complete).
-    uncommitted = sorted(e.rel.rsplit("/", 1)[-1] for e in out.list(SHARD_DIR) if e.rel.endswith(TMP_SUFFIX))
+    try:
+        uncommitted = sorted(e.rel.rsplit("/", 1)[-1] for e in out.list(SHARD_DIR) if e.rel.endswith(TMP_SUFFIX))
+    except UnsafeFile as exc:
+        uncommitted, problems = [], [*problems, str(exc)]
     return RunData(out.uri, state, config, rows, facts, uncommitted, ([note] if note else []) + problems)
 
 
@@ -494,7 +507,21 @@ def _bar(count: int, peak: int, width: int = 30) -> str:
     return "#" * round(width * count / (peak or 1))
 
 
+def terminal_safe(value):
+    """Every string in `value` (keys too) as plain text for a terminal and for rich: control characters shown
+    escaped (`printable`) and rich markup escaped, so a word like `[link=...]` or an OSC 52 sequence in a KEY.json
+    prints as the characters it is and does nothing else."""
+    if isinstance(value, str):
+        return escape(printable(value))
+    if isinstance(value, dict):
+        return {terminal_safe(k) if isinstance(k, str) else k: terminal_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(terminal_safe(v) for v in value)
+    return value
+
+
 def print_stats(summary: dict, console: Console) -> None:
+    summary = terminal_safe(summary)  # everything below prints words from the data through rich markup
     """The terminal report of `shard_stats` (one directory) or `combined_stats` (several)."""
     _print_directories(summary, console)
     _print_totals(summary, console)

@@ -23,24 +23,24 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import re
-import tarfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from pipeline.core.errors import UserFacingError
 from pipeline.core.names import CROSS_PREFIX, KEY_SUFFIX, UnsafeName, check_key, check_part, check_shard
-from pipeline.core.storage import Storage
+from pipeline.core.storage import Storage, UnsafeFile
+from pipeline.core.untrusted import MB, HostileData, load_json, load_npy, printable, read_limits
 from pipeline.store.ledger import SHARD_DIR, Ledger, as_storage
-from pipeline.store.shards import TMP_SUFFIX
+from pipeline.store.sample_meta import parse_sample_meta
+from pipeline.store.shards import TMP_SUFFIX, ShardError, iter_members
 
 BLOCK = 512  # tar block size
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -156,9 +156,9 @@ def verify_output(out_dir: str | Path, console: Console | None = None) -> Verifi
     where = _check_duplicates(contents, problems)
     result.samples = len(where)
     unreadable = {url for url, c in contents.items() if not c.readable}
-    if total is not None and total != sum(int(e.get("nsamples") or 0) for e in index):
+    if total is not None and total != sum(map(_count, index)):
         problems.append(Problem("total_mismatch", f"index.json total_samples is {total}, its shards add up to "
-                                f"{sum(int(e.get('nsamples') or 0) for e in index)}"))
+                                f"{sum(map(_count, index))}"))
     _check_manifest(out, where, unreadable, problems)
     _check_ledger(out, index, contents, problems)
     return result
@@ -166,9 +166,9 @@ def verify_output(out_dir: str | Path, console: Console | None = None) -> Verifi
 
 def print_verification(result: Verification, console: Console) -> None:
     """The one-line summary, then each problem on its own line."""
-    console.print(Text(result.summary_line(), style="bold green" if result.ok else "bold red"))
-    for problem in result.problems:
-        console.print(f"  {problem}", highlight=False, markup=False)
+    console.print(Text(printable(result.summary_line()), style="bold green" if result.ok else "bold red"))
+    for problem in result.problems:  # names and words from the data: control characters shown escaped
+        console.print(Text(f"  {printable(problem)}"), highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,25 +176,46 @@ def print_verification(result: Verification, console: Console) -> None:
 
 
 def _read_index(out: Storage, problems: list[Problem]) -> tuple[list[dict] | None, int | None]:
-    """index.json's shard list and total_samples."""
+    """index.json's shard list (only entries with a string url; the others are reported) and total_samples."""
     local = out.local_path()
     if local is not None and not local.is_dir():
         problems.append(Problem("no_output", f"{out} is not a directory"))
         return None, None
-    if out.info("index.json") is None:
+    try:
+        present = out.info("index.json") is not None
+    except UnsafeFile as exc:
+        problems.append(Problem("unsafe_file", str(exc)))
+        return None, None
+    if not present:
         hint = " (a run is going or was killed before it finished: resume it)" if Ledger(out).exists() else \
             " (is it the --output directory of an `s2v curate run`?)"
         problems.append(Problem("no_index", f"no index.json in {out}{hint}"))
         return None, None
+    cap = int(read_limits().max_index_mb * MB)
     try:
-        data = json.loads(out.read_text("index.json"))
+        data = load_json(out.read_bytes("index.json", cap), "index.json", cap)
         shardlist = data["shardlist"]
         if not isinstance(shardlist, list) or not all(isinstance(e, dict) for e in shardlist):
             raise TypeError("shardlist is not a list of objects")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (UserFacingError, KeyError, TypeError) as exc:
         problems.append(Problem("bad_index", f"index.json cannot be read ({type(exc).__name__}: {exc})"))
         return None, None
-    return shardlist, data.get("total_samples")
+    usable = []
+    for entry in shardlist:
+        if not isinstance(entry.get("url"), str):
+            problems.append(Problem("bad_index", f"a shardlist entry's url is {entry.get('url')!r}, not a path"))
+        else:
+            usable.append(entry)
+    total = data.get("total_samples")
+    return usable, total if _is_count(total) else None
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _count(entry: dict) -> int:
+    return entry["nsamples"] if _is_count(entry.get("nsamples")) else 0
 
 
 def _check_index_entries(index: list[dict], problems: list[Problem]) -> None:
@@ -203,22 +224,32 @@ def _check_index_entries(index: list[dict], problems: list[Problem]) -> None:
         url = entry.get("url")
         missing = [name for name in ("url", "nsamples", "filesize", "sha256") if entry.get(name) is None]
         if missing:
-            problems.append(Problem("bad_index", f"shardlist entry {entry} lacks {', '.join(missing)}", shard=url))
+            problems.append(Problem("bad_index", f"shardlist entry {str(entry)[:200]} lacks {', '.join(missing)}",
+                                    shard=url))
+        wrong = [name for name in ("nsamples", "filesize") if entry.get(name) is not None
+                 and not _is_count(entry[name])]
+        if wrong:
+            problems.append(Problem("bad_index", f"{', '.join(wrong)} not a count", shard=url))
         if url in seen:
             problems.append(Problem("bad_index", "listed twice in index.json", shard=url))
         seen.add(url)
 
 
 def _check_unlisted_files(out: Storage, listed: set[str], problems: list[Problem]) -> None:
-    for entry in out.list(SHARD_DIR):
-        rel = entry.rel
-        if rel in listed:
-            continue
-        if rel.endswith(TMP_SUFFIX):
-            problems.append(Problem("uncommitted_shard", "a shard being written (a run is going, or was killed: "
-                                    "resume it)", shard=rel))
-        else:
-            problems.append(Problem("unlisted_shard", "in shards/ but not in index.json", shard=rel))
+    try:
+        for rel, what in out.irregular(SHARD_DIR):
+            problems.append(Problem("unsafe_file", f"{what}, not a regular file; never read", shard=rel))
+        for entry in out.list(SHARD_DIR):
+            rel = entry.rel
+            if rel in listed:
+                continue
+            if rel.endswith(TMP_SUFFIX):
+                problems.append(Problem("uncommitted_shard", "a shard being written (a run is going, or was "
+                                        "killed: resume it)", shard=rel))
+            else:
+                problems.append(Problem("unlisted_shard", "in shards/ but not in index.json", shard=rel))
+    except UnsafeFile as exc:  # shards/ itself is a link
+        problems.append(Problem("unsafe_file", str(exc), shard=SHARD_DIR))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,8 +258,13 @@ def _check_unlisted_files(out: Storage, listed: set[str], problems: list[Problem
 
 def _check_shard(out: Storage, entry: dict, problems: list[Problem]) -> _ShardContent:
     url = entry["url"]
-    info = out.info(url)
     content = _ShardContent()
+    try:
+        info = out.info(url)
+    except UnsafeFile as exc:  # a link, a FIFO, a device: never opened
+        problems.append(Problem("unsafe_file", str(exc), shard=url))
+        content.readable = False
+        return content
     if info is None:
         problems.append(Problem("missing_shard", "listed in index.json but not on disk", shard=url))
         content.readable = False
@@ -239,54 +275,60 @@ def _check_shard(out: Storage, entry: dict, problems: list[Problem]) -> _ShardCo
                                 shard=url))
     structure = _tar_structure(out, url, size)
     if structure:
-        problems.append(Problem("truncated_tar", structure, shard=url))
+        problems.append(Problem(*structure, shard=url))
         content.readable = False
 
     with out.open_read(url) as f:
         reader = _HashingReader(f)
         stream = io.BufferedReader(reader, 1 << 20)
-        samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}], eof_value=None))
-        try:
-            for sample in samples:
-                content.keys.append(sample["__key__"])
-                problems.extend(_check_sample(url, sample))
-        except Exception as exc:  # noqa: BLE001 -- whatever webdataset raises on a damaged tar is a finding
-            problems.append(Problem("unreadable", f"webdataset stopped after {len(content.keys)} samples "
-                                    f"({type(exc).__name__}: {exc.args[0] if exc.args else exc})", shard=url))
-            content.readable = False
-        while stream.read(1 << 20):  # hash what the tar reader left (end-of-archive padding, or all after an error)
+        if content.readable:  # only a tar whose structure is whole is read as samples: nothing is ever inflated
+            _read_samples(url, stream, content, problems)
+        while stream.read(1 << 20):  # hash what the tar reader left (end-of-archive padding, or all of a bad tar)
             pass
         content.sha256 = reader.digest.hexdigest()
 
     if entry.get("sha256") and content.sha256 != entry["sha256"] and size == entry.get("filesize"):
         # A size mismatch already says the bytes differ; a checksum mismatch alone is bit rot or a rewrite.
         problems.append(Problem("sha256_mismatch", f"sha256 {content.sha256[:16]}..., index.json says "
-                                f"{entry['sha256'][:16]}...", shard=url))
-    if content.readable and entry.get("nsamples") is not None and len(content.keys) != entry["nsamples"]:
+                                f"{str(entry['sha256'])[:16]}...", shard=url))
+    if content.readable and _is_count(entry.get("nsamples")) and len(content.keys) != entry["nsamples"]:
         problems.append(Problem("nsamples_mismatch", f"{len(content.keys)} samples, index.json says "
                                 f"{entry['nsamples']}", shard=url))
     return content
 
 
-def _tar_structure(out: Storage, url: str, size: int) -> str | None:
-    """Why shard `url` is not a whole tar archive, or None. Reads headers only (plus the final blocks)."""
+def _read_samples(url: str, stream, content: _ShardContent, problems: list[Problem]) -> None:
+    """Upstream webdataset's reading of the shard (its tar expander and key grouping), each sample checked."""
+    samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}], eof_value=None))
+    try:
+        for sample in samples:
+            content.keys.append(sample["__key__"])
+            problems.extend(_check_sample(url, sample))
+    except Exception as exc:  # noqa: BLE001 -- whatever webdataset raises on a damaged tar is a finding
+        problems.append(Problem("unreadable", f"webdataset stopped after {len(content.keys)} samples "
+                                f"({type(exc).__name__}: {exc.args[0] if exc.args else exc})", shard=url))
+        content.readable = False
+
+
+def _tar_structure(out: Storage, url: str, size: int) -> tuple[str, str] | None:
+    """(problem, detail) of why shard `url` is not a whole tar of ours, or None: the one shard reader's checks
+    (pipeline/store/shards.py `iter_members`: not compressed, regular non-sparse members within the file and their
+    size caps, KEY.PART names), then the end-of-archive blocks. Reads headers only."""
     if size % BLOCK:
-        return f"{size} bytes is not a whole number of {BLOCK}-byte tar blocks (cut short?)"
+        return "truncated_tar", f"{size} bytes is not a whole number of {BLOCK}-byte tar blocks (cut short?)"
     end = 0
     try:
-        with out.open_read(url) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for member in tar:
-                if member.offset_data + member.size > size:
-                    return (f"member {member.name} needs {member.offset_data + member.size} bytes, the file has "
-                            f"{size} (cut short)")
-                end = member.offset_data + -(-member.size // BLOCK) * BLOCK
-    except tarfile.TarError as exc:
-        return f"not a readable tar ({exc})"
+        for _key, _part, member, _read in iter_members((out, url), url):
+            end = member.offset_data + -(-member.size // BLOCK) * BLOCK
+    except ShardError as exc:
+        return exc.reason, str(exc)
+    except UnsafeName as exc:
+        return "unsafe_name", str(exc)
     with out.open_read(url) as f:
         f.seek(end)
         tail = f.read(2 * BLOCK)
     if len(tail) < 2 * BLOCK or tail.count(0) != len(tail):
-        return "no end-of-archive blocks after the last member (cut short at a member boundary?)"
+        return "truncated_tar", "no end-of-archive blocks after the last member (cut short at a member boundary?)"
     return None
 
 
@@ -312,11 +354,9 @@ def _check_sample(url: str, sample: dict) -> list[Problem]:
     if "json" not in parts:
         return found
     try:
-        meta = json.loads(parts["json"])
-    except ValueError as exc:
-        return [*found, problem("bad_json", f"KEY.json does not parse ({exc})")]
-    if not isinstance(meta, dict):
-        return [*found, problem("bad_json", f"KEY.json is a {type(meta).__name__}, not an object")]
+        meta = parse_sample_meta(parts["json"], "KEY.json")
+    except HostileData as exc:
+        return [*found, problem("bad_json", str(exc))]
     if meta.get("key") != key:
         found.append(problem("key_mismatch", f"KEY.json says key {meta.get('key')!r}"))
 
@@ -340,11 +380,11 @@ def _check_sample(url: str, sample: dict) -> list[Problem]:
         found.append(problem("unexpected_part", f"KEY.{ext} is named by nothing in KEY.json"))
     if faces and "faces.npy" in parts:
         try:
-            rows = np.load(io.BytesIO(parts["faces.npy"]), allow_pickle=False)
+            rows = load_npy(parts["faces.npy"], "KEY.faces.npy")
             if rows.ndim != 2 or len(rows) != len(faces):
                 found.append(problem("bad_part", f"KEY.faces.npy is {rows.shape}, KEY.json lists {len(faces)} faces"))
-        except ValueError as exc:
-            found.append(problem("bad_part", f"KEY.faces.npy does not load ({exc})"))
+        except HostileData as exc:
+            found.append(problem("bad_part", str(exc)))
 
     in_cross_shard = Path(url).name.startswith(f"{CROSS_PREFIX}-")
     if in_cross_shard != key.endswith(KEY_SUFFIX) or in_cross_shard != ("cross_pair" in meta):
@@ -375,16 +415,12 @@ def _check_manifest(out: Storage, where: dict[str, str], unreadable: set[str], p
         problems.append(Problem("no_manifest", "no manifest.parquet"))
         return
     try:
-        with out.open_read("manifest.parquet") as f:
-            table = pq.read_table(f, columns=["key", "shard"]).to_pylist()
+        rows = _manifest_rows(out, len(where), problems)
     except Exception as exc:  # noqa: BLE001 -- pyarrow raises several types for a damaged or foreign file
         problems.append(Problem("bad_manifest", f"manifest.parquet cannot be read ({type(exc).__name__}: {exc})"))
         return
-    rows: dict[str, str] = {}
-    for row in table:
-        if row["key"] in rows:
-            problems.append(Problem("manifest_duplicate", "two manifest rows", key=row["key"]))
-        rows[row["key"]] = row["shard"]
+    if rows is None:
+        return
     for key in sorted(set(rows) - set(where)):
         if rows[key] in unreadable:
             continue  # the damaged shard is reported already; its lost samples would only repeat it
@@ -398,6 +434,26 @@ def _check_manifest(out: Storage, where: dict[str, str], unreadable: set[str], p
                                     key=key))
 
 
+def _manifest_rows(out: Storage, samples: int, problems: list[Problem]) -> dict[str, str] | None:
+    """key -> shard of the manifest's rows, read in batches of its two columns. A manifest declaring far more rows
+    than the shards hold samples is reported from its footer without reading its rows (a few KB of parquet can
+    declare millions of them)."""
+    with out.open_read("manifest.parquet") as f:
+        parquet = pq.ParquetFile(f)
+        declared = parquet.metadata.num_rows
+        if declared > 2 * samples + 1000:
+            problems.append(Problem("manifest_rows", f"manifest.parquet declares {declared} rows, the shards hold "
+                                    f"{samples} samples; its rows are not read"))
+            return None
+        rows: dict[str, str] = {}
+        for batch in parquet.iter_batches(batch_size=65_536, columns=["key", "shard"]):
+            for key, shard in zip(batch.column("key").to_pylist(), batch.column("shard").to_pylist()):
+                if key in rows:
+                    problems.append(Problem("manifest_duplicate", "two manifest rows", key=str(key)))
+                rows[key] = shard
+    return rows
+
+
 def _check_ledger(out: Storage, index: list[dict], contents: dict[str, _ShardContent],
                   problems: list[Problem]) -> None:
     ledger = Ledger(out)
@@ -405,15 +461,17 @@ def _check_ledger(out: Storage, index: list[dict], contents: dict[str, _ShardCon
         problems.append(Problem("no_ledger", f"no {ledger.name}: the commit log is the source of truth for resume"))
         return
     state = ledger.read()
-    committed: dict[str, dict] = {name: {"nsamples": e["nsamples"], "bytes": e["bytes"], "sha256": e["sha256"],
-                                         "keys": e.get("keys")} for name, e in state.shards.items()}
+    committed: dict[str, dict] = {name: {"nsamples": e.get("nsamples"), "bytes": e.get("bytes"),
+                                         "sha256": e.get("sha256"), "keys": e.get("keys")}
+                                  for name, e in state.shards.items()}
     if state.cross:
         cross_keys: dict[str, list[str]] = defaultdict(list)
         for row in state.cross.get("samples", []):
-            cross_keys[row["shard"]].append(row["key"])
+            if isinstance(row, dict):
+                cross_keys[str(row.get("shard"))].append(row.get("key"))
         for s in state.cross.get("shards", []):
-            committed[s["shard"]] = {"nsamples": s["nsamples"], "bytes": s["bytes"], "sha256": s["sha256"],
-                                     "keys": cross_keys.get(s["shard"], [])}
+            committed[s["shard"]] = {"nsamples": s.get("nsamples"), "bytes": s.get("bytes"),
+                                     "sha256": s.get("sha256"), "keys": cross_keys.get(s["shard"], [])}
     indexed = {e.get("url"): e for e in index}
     for name in sorted(set(committed) - set(indexed)):
         problems.append(Problem("ledger_mismatch", "committed in the ledger but not in index.json (a run is going, "

@@ -420,7 +420,7 @@ def iter_members(shard, label: str | None = None, limits: ReadLimits | None = No
                                  "and are never inflated (decompress it yourself if you trust it)")
         bounded = _Bounded(f, size, limits.largest_part_bytes(), where)
         try:
-            tar = tarfile.open(fileobj=bounded, mode="r:")
+            tar = tarfile.open(fileobj=bounded, mode="r:")  # noqa: SIM115 - closed by the with below
         except tarfile.TarError as exc:
             raise ShardError("not_a_tar", f"{where}: not a readable tar ({exc})") from None
         with tar:
