@@ -210,11 +210,12 @@ class LocalStorage(Storage):
         self.root = Path(uri)
         self.strict = strict
 
-    def _path(self, rel: str) -> Path:
+    def _path(self, rel: str, last_may_link: bool = False) -> Path:
         if not self.strict:
             return self.root / rel if rel else self.root
         path = self.root
-        for part in Path(rel).parts if rel else ():
+        parts = Path(rel).parts if rel else ()
+        for i, part in enumerate(parts):
             if part in ("..", "/", ".") or os.sep in part:
                 raise UnsafeFile(f"{self.root}: {rel!r} leaves the directory; refusing it")
             path = path / part
@@ -222,7 +223,7 @@ class LocalStorage(Storage):
                 mode = os.lstat(path).st_mode
             except (FileNotFoundError, NotADirectoryError):
                 return self.root / rel  # the rest does not exist: nothing to follow
-            if stat.S_ISLNK(mode):
+            if stat.S_ISLNK(mode) and not (last_may_link and i == len(parts) - 1):
                 raise UnsafeFile(f"{path} is a symbolic link; an output directory is read without following links "
                                  "(replace it with the file or folder itself)")
         return path
@@ -333,11 +334,14 @@ class LocalStorage(Storage):
 
     def delete(self, rel: str) -> None:
         # A link itself may be removed (unlink never follows the last component); never anything through one.
-        self._path(rel).unlink(missing_ok=True)
+        self._path(rel, last_may_link=True).unlink(missing_ok=True)
 
     def delete_tree(self, rel: str) -> int:
-        path = self._path(rel)
-        if path.is_symlink() or not path.is_dir():
+        path = self._path(rel, last_may_link=True)
+        if path.is_symlink():  # the link goes, never what it points to
+            path.unlink()
+            return 0
+        if not path.is_dir():
             return 0
         count = sum(len(files) for _, _, files in os.walk(path))
         shutil.rmtree(path, ignore_errors=True)  # removes links inside, never what they point to

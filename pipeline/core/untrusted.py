@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import warnings
 from typing import Any
 
 import yaml
@@ -205,8 +206,10 @@ def check_image(data: bytes, what: str) -> tuple[int, int]:
 
     limit = read_limits().max_pixels
     try:
-        with Image.open(io.BytesIO(data)) as image:  # reads the header only
-            width, height = image.size
+        with warnings.catch_warnings():  # Pillow's own bomb warning: the check below is the one that decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                width, height = image.size
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise HostileData(f"{what}: not a readable image ({exc})") from None
     if width < 1 or height < 1 or width * height > limit:

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pipeline.core.storage import LocalStorage, ObjectStorage, StorageError, check_uri, open_storage
+from pipeline.core.storage import LocalStorage, ObjectStorage, StorageError, UnsafeFile, check_uri, open_storage
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +87,56 @@ def test_local_writes_are_atomic_and_leave_no_temporary_files(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir()) == ["a.tar"]
     assert [e.rel for e in store.list()] == ["shards/a.tar"]
     assert store.local_path("shards/a.tar") == tmp_path / "out" / "shards" / "a.tar"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A strict local directory (an output directory, which may come from elsewhere)
+
+
+@pytest.fixture
+def shared_copy(tmp_path):
+    """An output directory with a link to a file outside it, a linked folder, and a FIFO named like a shard."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.tar").write_bytes(b"outside data")
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "train-000000.tar").write_bytes(b"ours")
+    (out / "shards" / "train-000001.tar").symlink_to(outside / "secret.tar")
+    (out / "shards" / "linked").symlink_to(outside)
+    os.mkfifo(out / "shards" / "train-000002.tar")
+    return out, outside
+
+
+def test_strict_storage_reads_only_regular_files_and_follows_no_link(shared_copy):
+    out, _ = shared_copy
+    storage = open_storage(out, strict=True)
+    assert storage.read_bytes("shards/train-000000.tar") == b"ours"
+    with pytest.raises(UnsafeFile, match="is a symbolic link"):
+        storage.read_bytes("shards/train-000001.tar")
+    with pytest.raises(UnsafeFile, match="a FIFO, not a regular file"):  # refused at once: no wait for a writer
+        storage.open_read("shards/train-000002.tar")
+    with pytest.raises(UnsafeFile, match="is a symbolic link"):
+        storage.info("shards/linked/secret.tar")
+    assert [e.rel for e in storage.list("shards")] == ["shards/train-000000.tar"]
+    assert sorted(storage.irregular("shards")) == [("shards/linked", "a symbolic link"),
+                                                   ("shards/train-000001.tar", "a symbolic link"),
+                                                   ("shards/train-000002.tar", "a FIFO")]
+    # Not strict (inputs: a folder of linked videos is normal), links are followed.
+    assert open_storage(out).read_bytes("shards/train-000001.tar") == b"outside data"
+
+
+def test_strict_storage_never_deletes_or_writes_through_a_link(tmp_path, shared_copy):
+    out, outside = shared_copy
+    (out / "staging").symlink_to(outside)
+    storage = open_storage(out, strict=True)
+    storage.delete("shards/train-000001.tar")  # the link goes, not its target
+    assert not (out / "shards" / "train-000001.tar").exists() and (outside / "secret.tar").exists()
+    assert storage.delete_tree("staging") == 0 and not (out / "staging").exists()
+    (out / "staging").symlink_to(outside)
+    with pytest.raises(UnsafeFile):
+        storage.delete("shards/linked/secret.tar")
+    with pytest.raises(UnsafeFile):
+        storage.write_bytes("staging/x.tar", b"x")
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.tar"]
+    assert (outside / "secret.tar").read_bytes() == b"outside data"

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pipeline.core.config import OutputConfig
-from pipeline.core.storage import open_storage
+from pipeline.core.storage import UnsafeFile, open_storage
 from pipeline.store.ledger import Ledger
 from pipeline.store.shards import InlineTasks, ShardAssembler, stage_sample
 
@@ -55,3 +55,46 @@ def test_commits_are_objects_in_commit_order_and_recovery_removes_what_none_name
     again.append({"type": "run", "wall_s": 1})
     assert "ledger/000000000002.jsonl" in {e.rel for e in store.list("ledger")}
     assert len(Ledger(out).read().runs) == 1
+
+
+def test_a_ledger_that_is_a_link_to_a_device_is_refused_not_read(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ledger.jsonl").symlink_to("/dev/zero")  # read until memory runs out, before
+    with pytest.raises(UnsafeFile, match="ledger.jsonl is a symbolic link"):
+        Ledger(out).read()
+    with pytest.raises(UnsafeFile):
+        Ledger(out).append({"type": "run"})  # and never appended to through the link
+
+
+def test_recovery_deletes_nothing_through_a_linked_shards_folder(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "train-000000.tar").write_bytes(b"someone else's file")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shards").symlink_to(elsewhere)
+    Ledger(out).append({"type": "run"})
+    with pytest.raises(UnsafeFile, match="shards is a symbolic link"):
+        Ledger(out).recover()  # it would delete every file there that no commit names
+    assert (elsewhere / "train-000000.tar").read_bytes() == b"someone else's file"
+
+
+def test_over_long_and_malformed_ledger_lines_are_left_out(tmp_path, caplog, monkeypatch):
+    from pipeline.core.untrusted import read_limits
+
+    out = tmp_path / "out"
+    Ledger(out).append({"type": "source", "source_id": "s1", "path": "/v/a.mp4", "samples": []})
+    with open(out / "ledger.jsonl", "a") as f:
+        f.write('{"type": "source", "source_id": "' + "x" * 3_000_000 + '"}\n')
+        f.write('{"type": "shard", "shard": ["not", "a", "path"], "keys": 5}\n')
+        f.write('{"type": "source", "source_id": "s2", "path": "/v/b.mp4", "samples": []}\n')
+    monkeypatch.setenv("S2V_LIMIT_MAX_JSON_MB", "1")
+    read_limits.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            state = Ledger(out).read()
+    finally:
+        read_limits.cache_clear()
+    assert sorted(state.sources) == ["s1", "s2"] and not state.shards
+    assert "a line over 1048576 bytes left out" in caplog.text and "1 lines are not ledger entries" in caplog.text
