@@ -108,3 +108,50 @@ def test_train_user_errors_exit_2_with_the_fix(case, tmp_path):
     assert expected in result.output
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _hostile_variants(meta: dict) -> dict[str, bytes]:
+    """KEY.json variants that each killed a training run before (issue 20), by name."""
+    import copy
+
+    def variant(change) -> bytes:
+        bad = copy.deepcopy(meta)
+        change(bad)
+        return json.dumps(bad).encode()
+
+    first = next(e for e in meta["entities"] if e.get("references"))
+    index = meta["entities"].index(first)
+    return {
+        "negative-subject": variant(lambda m: m["entities"][index].update(subject_id=-1)),
+        "huge-subject": variant(lambda m: m["entities"][index].update(subject_id=1e30)),
+        "alloc-subject": variant(lambda m: m["entities"][index].update(subject_id=300000000)),
+        "huge-view": variant(lambda m: m["entities"][index]["references"][0].update(view_id=1e30)),
+        "fraction-height": variant(lambda m: m["clip"].update(height=0.5)),
+        "deep-nesting": b'{"key": "x", "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    }
+
+
+def test_train_finishes_over_shards_seeded_with_hostile_samples(curated_out, tmp_path, caplog):
+    """Every hostile KEY.json is skipped with a warning naming it; the good samples train."""
+    import logging
+
+    from pipeline.store.shards import iter_samples, write_shard
+
+    shard = sorted((curated_out / "shards").glob("train-*.tar"))[0]
+    good = list(iter_samples(str(shard)))
+    base = good[0]
+    hostile = []
+    for name, data in _hostile_variants(json.loads(base["json"])).items():
+        sample = {k: v for k, v in base.items() if not k.startswith("__")}
+        hostile.append({**sample, "__key__": f"{name}-0000000-0000001", "json": data})
+    shards = tmp_path / "shards"
+    write_shard(str(tmp_path), "shards/train-000000.tar",
+                [*hostile, *({k: v for k, v in s.items() if k != "__url__"} for s in good)])
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        result = CliRunner().invoke(train, ["--config", CONFIG, "--shards", str(shards), "--out", str(out), *FAST,
+                                            "--set", "data.shuffle_buffer=0"])
+    assert result.exit_code == 0, result.output
+    assert (out / "checkpoints" / "step-0000002").is_dir()
+    for sample in hostile:
+        assert f"skipping sample {sample['__key__']}" in caplog.text
