@@ -1,17 +1,21 @@
 """`s2v shards verify`: prove that an output directory is what its index, manifest and ledger say it is.
 
 Per shard listed in index.json (own and cross-pair shards alike):
-- its url is `shards/NAME.tar` (any other is reported and never opened: pipeline/core/names.py);
-- the file exists, its size and sha256 match index.json;
-- its tar structure is whole: every member's data lies inside the file and the end-of-archive blocks are there (a
-  tar cut at a member boundary reads "fine" as a shorter archive, so the readers alone do not catch it);
-- upstream webdataset reads it end to end (its own tar expander and key grouping, fed the file through a hashing
-  reader so each shard is read once), with the sample count index.json gives.
+- its url is a string `shards/NAME.tar` (any other is reported and never opened: pipeline/core/names.py);
+- the file exists and is a regular file (not a link, FIFO or device: `unsafe_file`), its size and sha256 match
+  index.json;
+- its tar structure is whole and ours, by the one shard reader's checks (pipeline/store/shards.py `iter_members`:
+  not compressed, regular non-sparse members within the file and under their size caps, KEY.PART names), and the
+  end-of-archive blocks are there (a tar cut at a member boundary reads "fine" as a shorter archive);
+- only then, upstream webdataset reads it end to end (its own tar expander and key grouping, fed the file through a
+  hashing reader so each shard is read once), with the sample count index.json gives. A shard whose structure
+  failed is only hashed: nothing is ever inflated.
 Per sample: a plain key and plain member names (no path separators, no '..'); KEY.mp4 and KEY.json; KEY.json
-parses and names its own key; every file it names is there (references' `file` and `mask`, `background.file`),
+parses within the read limits, passes the schema (pipeline/store/sample_meta.py) and names its own key; every file it names is there (references' `file` and `mask`, `background.file`),
 KEY.faces.npy exactly when it lists faces (one row per face), and KEY.dmask{i}.png for every detection when
 segmentation ran; no other members; no key twice in the run.
-Across files: manifest.parquet has exactly the shards' keys, each row naming the shard the sample is in; the
+Across files: manifest.parquet has exactly the shards' keys, each row naming the shard the sample is in (read in
+batches; a manifest declaring far more rows than there are samples is reported from its footer, unread); the
 ledger's shard entries and its current cross-pair entry agree with index.json (nsamples, bytes, sha256, keys);
 index.json's total is the sum of its shards.
 
