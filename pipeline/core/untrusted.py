@@ -210,8 +210,10 @@ def check_image(data: bytes, what: str) -> tuple[int, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:  # reads the header only
                 width, height = image.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise HostileData(f"{what}: not a readable image ({exc})") from None
+    except Image.DecompressionBombError:  # Pillow's own, hard limit (twice its MAX_IMAGE_PIXELS): far over ours
+        raise HostileData(f"{what}: over the limit of {limit} pixels ({ENV_PREFIX}MAX_PIXELS); not decoded") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise HostileData(f"{what}: not a readable image ({printable(exc)})") from None
     if width < 1 or height < 1 or width * height > limit:
         raise HostileData(f"{what}: {width}x{height} pixels, over the limit of {limit} "
                           f"({ENV_PREFIX}MAX_PIXELS); not decoded")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from pipeline.core.untrusted import HostileData, load_json, read_limits
+from pipeline.core.untrusted import HostileData, load_json, printable, read_limits
 
 __all__ = ["parse_sample_meta"]
 
@@ -175,6 +175,6 @@ def parse_sample_meta(data: bytes | str, where: str = "KEY.json") -> dict:
         SampleMeta.model_validate(meta)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "(top)"
-        raise HostileData(f"{where}: {field}: {first['msg']}") from None
+        field = printable(".".join(str(p) for p in first["loc"]) or "(top)")  # keys come from the data
+        raise HostileData(f"{where}: {field}: {printable(first['msg'])}") from None
     return meta

@@ -435,7 +435,7 @@ def iter_members(shard, label: str | None = None, limits: ReadLimits | None = No
                 _check_member(member, where, size, limits)
                 key, part = split_member(member.name, where)
                 if member.size > limits.part_bytes(part):
-                    raise ShardError("member_too_large", f"{where}: member {member.name} declares {member.size} "
+                    raise ShardError("member_too_large", f"{where}: member {member.name!r} declares {member.size} "
                                      f"bytes, over the {limits.part_bytes(part)} byte cap for KEY.{part} "
                                      f"(docs/security.md)")
                 yield key, part, member, lambda member=member: tar.extractfile(member).read()
@@ -447,7 +447,7 @@ def _check_member(member: tarfile.TarInfo, where: str, size: int, limits: ReadLi
         raise ShardError("irregular_member", f"{where}: member {member.name!r} is {what}; shards hold regular "
                          "files only")
     if member.offset_data + member.size > size:
-        raise ShardError("truncated_tar", f"{where}: member {member.name} needs {member.offset_data + member.size} "
+        raise ShardError("truncated_tar", f"{where}: member {member.name!r} needs {member.offset_data + member.size} "
                          f"bytes, the file has {size} (cut short)")
 
 
