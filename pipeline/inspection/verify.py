@@ -11,9 +11,10 @@ Per shard listed in index.json (own and cross-pair shards alike):
   hashing reader so each shard is read once), with the sample count index.json gives. A shard whose structure
   failed is only hashed: nothing is ever inflated.
 Per sample: a plain key and plain member names (no path separators, no '..'); KEY.mp4 and KEY.json; KEY.json
-parses within the read limits, passes the schema (pipeline/store/sample_meta.py) and names its own key; every file it names is there (references' `file` and `mask`, `background.file`),
-KEY.faces.npy exactly when it lists faces (one row per face), and KEY.dmask{i}.png for every detection when
-segmentation ran; no other members; no key twice in the run.
+parses within the read limits, passes the schema (pipeline/store/sample_meta.py) and names its own key; every file
+it names is there (references' `file` and `mask`, `background.file`), KEY.faces.npy exactly when it lists faces
+(one row per face), and KEY.dmask{i}.png for every detection when segmentation ran; no other members; no key twice
+in the run.
 Across files: manifest.parquet has exactly the shards' keys, each row naming the shard the sample is in (read in
 batches; a manifest declaring far more rows than there are samples is reported from its footer, unread); the
 ledger's shard entries and its current cross-pair entry agree with index.json (nsamples, bytes, sha256, keys);
