@@ -4,7 +4,11 @@ trained on it cannot copy the reference's background, pose or lighting from its 
 A post-pass over the committed own samples, run after every streaming pass (and so after every resume):
 
 1. Index: every own sample's KEY.json and KEY.faces.npy are read from its shard (tar member offsets; the mp4 and
-   images are read only for the samples that are used).
+   images are read only for the samples that are used). The shards may have come from elsewhere: a shard that
+   cannot be read (`iter_members` refuses it, or it is a link) or a sample that is not one this pipeline writes
+   (KEY.json failing `parse_sample_meta`, a pickled, misshapen or non-float embedding table, a reference naming a
+   file the sample lacks) is left out with a warning and counted in the entry's `info.unreadable`; a base whose
+   pixels turn out unusable while its cross sample is built is skipped the same way (`info.skipped`).
 2. Identities: a subject reference's face embedding is the faces.npy row of the face with the reference's
    `detection`. References of different clips whose cosine is >= `cross_pairs.min_face_similarity` are linked;
    union-find over the links gives identity clusters. Objects, when the run had a CLIP model, are linked the same
@@ -45,20 +49,25 @@ applies alpha still gets the cut-out subject and one that drops it sees the subj
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import logging
 import random
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from rich.text import Text
 
 from pipeline.core.config import ConfigError, CrossPairsConfig, RunConfig, config_face_thresholds, face_thresholds
+from pipeline.core.errors import UserFacingError
 from pipeline.core.names import CROSS_PREFIX, KEY_SUFFIX, check_shard
 from pipeline.core.storage import Storage
+from pipeline.core.untrusted import HostileData, check_image, load_npy, printable
 from pipeline.store.ledger import Ledger, LedgerState, as_storage, own_sample_shards
+from pipeline.store.sample_meta import parse_sample_meta
 from pipeline.store.shards import ShardWriter, image_png, iter_members, mask_png, sample_json, shard_number
 from stages.metrics import entity_face_cosine, face_cosine, face_flags, face_row, with_references
 
@@ -73,6 +82,14 @@ SUBJECT_BOTTOM = 0.9
 # thousands of clips; the draw among them still varies.
 MAX_PARTNERS = 32
 SIMILARITY_BLOCK = 2048  # rows of the blocked cosine matrix: memory ~ block x references x 4 bytes
+REFERENCE_FILE = {"file": re.compile(r"ref\d{1,4}\.png"), "mask": re.compile(r"mask\d{1,4}\.png")}
+# What the free-form parts of a KEY.json from elsewhere (stats.metrics, reference fields the schema lets through)
+# raise when they are not what this pipeline writes; HostileData, ShardError and UnsafeName are ValueErrors. One
+# sample is skipped with a warning for it, never the pass.
+MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+WARNINGS_SHOWN = 20  # per pass: a directory of thousands of bad samples says how many, not each one
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -152,36 +169,124 @@ def read_member(out: Storage, sample: OwnSample, ext: str) -> bytes:
         return f.read(size)
 
 
-def index_own_samples(out: Storage, state: LedgerState
+def index_own_samples(out: Storage, state: LedgerState, problems: list[str] | None = None
                       ) -> tuple[list[OwnSample], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The committed own samples in key order, each one's face embeddings (faces.npy) and detection crop
-    embeddings (dclip.npy), from the shards' tar headers plus their json/npy members; nothing else is read."""
+    embeddings (dclip.npy), from the shards' tar headers plus their json/npy members; nothing else is read.
+    A shard that cannot be read, or a sample that is not one this pipeline writes, is left out; why is appended
+    to `problems` (one line per shard or sample, naming it)."""
+    problems = [] if problems is None else problems
     own = own_sample_shards(state)
+    per_shard = Counter(own.values())
     samples: dict[str, OwnSample] = {}
     embeddings: dict[str, np.ndarray] = {}
     crops: dict[str, np.ndarray] = {}
-    for shard in sorted(set(own.values())):
-        for key, ext, member, read in iter_members((out, check_shard(shard, out)), shard):
-            if own.get(key) != shard:
+    for shard in sorted(per_shard):
+        try:
+            found, tables, bad = _index_shard(out, shard, own)
+        except (OSError, UserFacingError) as exc:  # ShardError, UnsafeName, UnsafeFile (a linked shard), StorageError
+            problems.append(f"{shard}: cannot be read, its {per_shard[shard]} samples are left out ({exc})")
+            continue
+        for key, sample in found.items():
+            reason = bad.get(key) or _unusable(sample, tables.get((key, "faces.npy")))
+            if reason:
+                problems.append(f"{shard}: sample {key} left out: {reason}")
                 continue
-            sample = samples.get(key)
-            if sample is None:
-                sample = samples[key] = OwnSample(key, shard, "", "", {})
-            sample.members[ext] = (member.offset_data, member.size)
-            if ext == "json":
-                meta = json.loads(read())
-                sample.clip_id = meta.get("clip_id") or key
-                sample.source_id = (meta.get("source") or {}).get("id") or key.split("-")[0]
-                sample.references = [r for e in meta.get("entities", []) for r in e.get("references") or []]
-                sample.faces = meta.get("faces") or []
-                sample.detection_rows = {d["id"]: i for i, d in enumerate(meta.get("detections") or [])}
-                sample.object_categories = {e["id"]: e.get("category") or e.get("word") or ""
-                                            for e in meta.get("entities", []) if e.get("kind") == "object"}
-            elif ext in ("faces.npy", "dclip.npy"):
-                table = np.load(io.BytesIO(read()), allow_pickle=False)
-                (embeddings if ext == "faces.npy" else crops)[key] = table
-    ordered = [samples[k] for k in sorted(samples) if "json" in samples[k].members]
+            samples[key] = sample
+            for ext, into in (("faces.npy", embeddings), ("dclip.npy", crops)):
+                if (key, ext) in tables:
+                    into[key] = tables[(key, ext)]
+    ordered = [samples[k] for k in sorted(samples)]
     return ordered, embeddings, crops
+
+
+def _index_shard(out: Storage, shard: str, own: dict[str, str]
+                 ) -> tuple[dict[str, OwnSample], dict[tuple[str, str], np.ndarray], dict[str, str]]:
+    """One shard's own samples, their embedding tables by (key, ext), and the samples whose KEY.json or tables
+    are not ours, with why. Raises what `iter_members` raises for a shard that is not read further."""
+    found: dict[str, OwnSample] = {}
+    tables: dict[tuple[str, str], np.ndarray] = {}
+    bad: dict[str, str] = {}
+    for key, ext, member, read in iter_members((out, check_shard(shard, out)), shard):
+        if own.get(key) != shard or key in bad or ext.startswith("_"):  # "_" parts: webdataset's fields, not files
+            continue
+        sample = found.get(key)
+        if sample is None:
+            sample = found[key] = OwnSample(key, shard, "", "", {})
+        sample.members[ext] = (member.offset_data, member.size)
+        try:
+            if ext == "json":
+                _read_meta(sample, parse_sample_meta(read(), "KEY.json"))
+            elif ext in ("faces.npy", "dclip.npy"):
+                tables[(key, ext)] = load_table(read(), f"KEY.{ext}")
+        except HostileData as exc:
+            bad[key] = str(exc)
+    return found, tables, bad
+
+
+def _read_meta(sample: OwnSample, meta: dict) -> None:
+    """The planner's fields of `sample` from its checked KEY.json; HostileData for a reference the planner cannot
+    use (its file names, entity and detection are what it reads beyond the schema)."""
+    entities = meta.get("entities") or []
+    sample.clip_id = meta["clip_id"] if isinstance(meta.get("clip_id"), str) else sample.key
+    source = meta.get("source")
+    source_id = source.get("id") if isinstance(source, dict) else None
+    sample.source_id = source_id if isinstance(source_id, str) and source_id else sample.key.split("-")[0]
+    sample.references = [r for e in entities for r in e.get("references") or []]
+    for ref in sample.references:
+        for name, pattern in REFERENCE_FILE.items():
+            if not (isinstance(ref.get(name), str) and pattern.fullmatch(ref[name])):
+                raise HostileData(f"KEY.json: reference {name} {printable(repr(ref.get(name)))[:80]} is not "
+                                  f"a {pattern.pattern} name")
+        if not isinstance(ref.get("entity"), str) or not isinstance(ref.get("detection"), (str, type(None))):
+            raise HostileData("KEY.json: a reference without a text entity and detection")
+    sample.faces = meta.get("faces") or []
+    sample.detection_rows = {d["id"]: i for i, d in enumerate(meta.get("detections") or [])
+                             if isinstance(d.get("id"), str)}
+    sample.object_categories = {e["id"]: _text(e.get("category")) or _text(e.get("word"))
+                                for e in entities if e.get("kind") == "object"}
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _unusable(sample: OwnSample, faces: np.ndarray | None) -> str | None:
+    """Why an indexed sample cannot be planned with (its members are known only once the shard is read), or None."""
+    if "json" not in sample.members:
+        return "no KEY.json"
+    missing = sorted({r[name] for r in sample.references for name in REFERENCE_FILE} - set(sample.members))
+    if missing:
+        return f"KEY.json names {', '.join(missing[:3])}, which the sample does not hold"
+    if faces is not None and len(faces) != len(sample.faces):
+        return f"KEY.faces.npy has {len(faces)} rows, KEY.json lists {len(sample.faces)} faces"
+    return None
+
+
+def load_table(data: bytes, what: str) -> np.ndarray:
+    """An embedding table (KEY.faces.npy, KEY.dclip.npy): a 2-D array of finite floats, one row per face or
+    detection, read without pickles (`load_npy`); HostileData for anything else (an object array, another shape
+    or dtype), so one bad sample is skipped, not the pass."""
+    table = load_npy(data, what)
+    if table.ndim != 2 or table.dtype.kind != "f":
+        raise HostileData(f"{what}: a {table.dtype} array of shape {table.shape}, not a 2-D table of floats")
+    if not np.isfinite(table).all():
+        raise HostileData(f"{what}: holds NaN or infinite values")
+    return table
+
+
+def warn_all(console, problems: list[str], what: str) -> None:
+    """Each of `problems` as a warning (the first WARNINGS_SHOWN, then how many more): on `console` when given,
+    with control characters shown and no markup read from them, else to the log."""
+    lines = [f"{what}: {p}" for p in problems[:WARNINGS_SHOWN]]
+    if len(problems) > WARNINGS_SHOWN:
+        lines.append(f"{what}: ... and {len(problems) - WARNINGS_SHOWN} more")
+    for line in lines:
+        text = printable(line)[:1000]  # a member name in a message can be megabytes long
+        if console is not None:
+            console.print(Text(f"warning: {text}", style="yellow"))
+        else:
+            log.warning("%s", text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,15 +465,29 @@ def plan_cross_pairs(samples: list[OwnSample], embeddings: dict[str, np.ndarray]
 # Pixels
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> RGB / RGBA / gray uint8 array (as stored)."""
+def decode_png(data: bytes, what: str = "PNG") -> np.ndarray:
+    """PNG bytes -> RGB / RGBA / gray uint8 array (as stored). HostileData when its header declares more than the
+    pixel limit (checked before a pixel is decoded: a few KB of PNG can inflate to gigabytes) or it does not
+    decode."""
     import cv2
 
+    check_image(data, what)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
-        raise ValueError("cannot decode PNG")
+        raise HostileData(f"{what}: cannot decode PNG")
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB if image.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
+    return image
+
+
+def _image(data: bytes, what: str, channels: tuple[int, ...]) -> np.ndarray:
+    """A decoded 8-bit PNG with one of `channels` (0: a one-channel mask); HostileData for any other, which the
+    compositing arithmetic would otherwise trip over."""
+    image = decode_png(data, what)
+    found = image.shape[2] if image.ndim == 3 else 0
+    if found not in channels or image.dtype != np.uint8:
+        raise HostileData(f"{what}: a {image.dtype} image of shape {image.shape}; expected 8-bit with "
+                          f"{' or '.join(str(c or 1) for c in channels)} channels")
     return image
 
 
@@ -447,7 +566,7 @@ def cross_metrics(metrics: dict, plan: CrossPlan, samples: list[OwnSample], new_
 def _build_sample(out: Storage, samples: list[OwnSample], plan: CrossPlan,
                   embeddings: dict[str, np.ndarray] | None = None, thresholds: dict[str, float] | None = None) -> dict:
     base = samples[plan.base]
-    meta = json.loads(read_member(out, base, "json"))
+    meta = parse_sample_meta(read_member(out, base, "json"), "KEY.json")
     sample: dict = {"__key__": cross_key(base.key)}
     for ext in base.members:
         if ext != "json":
@@ -455,7 +574,7 @@ def _build_sample(out: Storage, samples: list[OwnSample], plan: CrossPlan,
     plate = None
     if plan.background_from is not None:
         donor = samples[plan.background_from]
-        plate = decode_png(read_member(out, donor, "bg.png"))
+        plate = _image(read_member(out, donor, "bg.png"), f"the plate {donor.key}.bg.png", (3, 4))
     new_refs: dict[tuple[str, str], dict] = {}
     for rep in plan.replacements:
         ref = rep.base_ref
@@ -473,8 +592,8 @@ def _build_sample(out: Storage, samples: list[OwnSample], plan: CrossPlan,
                               "identity": rep.identity, "similarity": round(rep.similarity, 4)}
         else:
             donor = samples[plan.background_from]
-            image = decode_png(read_member(out, base, ref["file"]))
-            mask = decode_png(read_member(out, base, ref["mask"]))
+            image = _image(read_member(out, base, ref["file"]), f"KEY.{ref['file']}", (3, 4))
+            mask = _image(read_member(out, base, ref["mask"]), f"KEY.{ref['mask']}", (0,))
             composite, placed, box = composite_on_plate(image, mask, plate)
             if ref.get("variant") == "segment":  # keep the format rule: RGBA iff segment
                 composite = np.dstack([composite, placed * 255])
@@ -501,6 +620,19 @@ def _build_sample(out: Storage, samples: list[OwnSample], plan: CrossPlan,
     return sample
 
 
+def _try_build(out: Storage, samples: list[OwnSample], plan: CrossPlan, embeddings: dict[str, np.ndarray],
+               thresholds: dict[str, float], failed: list[str]) -> dict | None:
+    """`_build_sample`, or None with why appended to `failed` when the files it reads turn out not to be ours (a
+    member that does not decode, a KEY.json whose metrics are not what this pipeline writes, a shard replaced
+    since it was indexed): that base is skipped, the pass goes on."""
+    base = samples[plan.base]
+    try:
+        return _build_sample(out, samples, plan, embeddings, thresholds)
+    except (*MALFORMED, OSError) as exc:  # OSError: StorageError, UnsafeFile
+        failed.append(f"{base.shard}: base {base.key} skipped ({type(exc).__name__}: {str(exc)[:300]})")
+        return None
+
+
 def build_cross_pairs(out_dir: str | Path, config: RunConfig, ledger: Ledger, state: LedgerState,
                       console=None) -> dict | None:
     """Bring the cross-pair set of `out_dir` up to date with its committed own samples.
@@ -522,8 +654,12 @@ def build_cross_pairs(out_dir: str | Path, config: RunConfig, ledger: Ledger, st
         return None
 
     if cfg.share > 0:
-        samples, embeddings, crops = index_own_samples(out, state)
+        problems: list[str] = []
+        samples, embeddings, crops = index_own_samples(out, state, problems)
+        warn_all(console, problems, "cross-pairs")
         plans, info = plan_cross_pairs(samples, embeddings, cfg, crops)
+        if len(samples) < len(own):
+            info["unreadable"] = len(own) - len(samples)  # own samples left out: their shard or sample is not ours
     else:  # nothing to read: the entry only records that the set is empty
         samples, plans, info = [], [], {"own": len(own), "target": 0, "capped": False, "reason": "share is 0"}
 
@@ -533,14 +669,20 @@ def build_cross_pairs(out_dir: str | Path, config: RunConfig, ledger: Ledger, st
         start = max((shard_number(s["shard"]) + 1 for s in (current or {}).get("shards", [])), default=0)
         # Nothing reaches the ledger per shard: the caller commits all of them in one line.
         writer = ShardWriter(out, CROSS_PREFIX, config.output, start, lambda shard, _keys: shards.append(shard))
+        failed: list[str] = []
         try:
             for plan in sorted(plans, key=lambda p: samples[p.base].key):
-                sample = _build_sample(out, samples, plan, embeddings, config_face_thresholds(config))
+                sample = _try_build(out, samples, plan, embeddings, config_face_thresholds(config), failed)
+                if sample is None:
+                    continue
                 shard = writer.write(sample)
                 rows.append({"key": sample["__key__"], "shard": shard, "base": samples[plan.base].key,
                              "kinds": plan.kinds()})
         finally:
             writer.close()
+        if failed:
+            warn_all(console, failed, "cross-pairs")
+            info["skipped"]["unreadable"] = len(failed)
 
     kinds = Counter()
     for row in rows:

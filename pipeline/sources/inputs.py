@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 from pipeline.core.errors import UserFacingError
 from pipeline.core.record import Record
 from pipeline.core.storage import Entry, check_uri, is_remote, join, name, open_storage, parent
+from pipeline.core.untrusted import HostileData, load_json, printable
 
 
 class InputError(UserFacingError, ValueError):
@@ -101,32 +101,57 @@ def _resolved(path: str, base: str | None = None) -> str:
 def load_metadata(path: str) -> dict[str, dict]:
     """Read a JSONL metadata file: one object per video with `video` (path relative to the file or absolute),
     and `caption` (whole video) and/or `shots` ([{start_s, end_s, caption}]). Keyed by absolute video path (or URI:
-    the file may be in object storage, and its relative paths are then relative to its prefix)."""
+    the file may be in object storage, and its relative paths are then relative to its prefix).
+
+    A line that is not such an object raises InputError naming the file, the line and the problem; so does one
+    nested too deep or too large to parse safely (`load_json`), or a video path that cannot be resolved (a NUL
+    byte, a symbolic-link loop)."""
     uri = check_uri(path, "--metadata")
-    base = parent(uri) if is_remote(uri) else str(Path(uri).resolve().parent)
     entries: dict[str, dict] = {}
     try:
+        base = parent(uri) if is_remote(uri) else str(Path(uri).resolve().parent)
         lines = open_storage(parent(uri)).read_text(name(uri)).splitlines()
-    except OSError as exc:
-        raise InputError(f"metadata file {path}: cannot read it ({exc.strerror or exc})") from None
+    except (OSError, ValueError, RuntimeError) as exc:  # ValueError: a NUL byte; RuntimeError: a link loop (< 3.13)
+        raise InputError(f"metadata file {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
     for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"metadata file {path}, line {number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("video"), str):
-            raise InputError(f"metadata file {path}, line {number}: expected an object with a 'video' path")
-        for shot in entry.get("shots") or []:
-            ok = isinstance(shot, dict) and all(isinstance(shot.get(k), (int, float)) for k in ("start_s", "end_s"))
-            if not ok or not isinstance(shot.get("caption", ""), str):
-                raise InputError(
-                    f"metadata file {path}, line {number}: each shot needs numeric start_s and end_s and a caption "
-                    f"string (got {shot!r})"
-                )
-        entries[_resolved(entry["video"], base)] = entry
+        if line.strip():
+            where = f"metadata file {path}, line {number}"
+            entry = _metadata_entry(line, where)
+            entries[_resolved_video(entry["video"], base, where)] = entry
     return entries
+
+
+def _metadata_entry(line: str, where: str) -> dict:
+    """One metadata line as its checked object; InputError naming `where` otherwise."""
+    try:
+        entry = load_json(line, where)  # bounded: a 100k-deep line is refused, not a RecursionError
+    except HostileData as exc:
+        raise InputError(str(exc)) from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("video"), str):
+        raise InputError(f"{where}: expected an object with a 'video' path")
+    shots = entry.get("shots") or []
+    if not isinstance(shots, list):
+        raise InputError(f"{where}: 'shots' is a JSON {type(shots).__name__}, not a list")
+    if not isinstance(entry.get("caption") or "", str):
+        raise InputError(f"{where}: 'caption' is a JSON {type(entry['caption']).__name__}, not a string")
+    for shot in shots:
+        ok = isinstance(shot, dict) and all(isinstance(shot.get(k), (int, float)) and not isinstance(shot.get(k), bool)
+                                            for k in ("start_s", "end_s"))
+        if not ok or not isinstance(shot.get("caption", ""), str):
+            raise InputError(f"{where}: each shot needs numeric start_s and end_s and a caption string "
+                             f"(got {printable(repr(shot))[:200]})")
+    return entry
+
+
+def _resolved_video(video: str, base: str, where: str) -> str:
+    """`_resolved(video, base)`, or InputError naming `where` for a path no file system can hold."""
+    if "\x00" in video:  # os functions raise ValueError on it; it can name no file
+        raise InputError(f"{where}: video path {printable(video)[:200]} holds a NUL byte")
+    try:
+        return _resolved(video, base)
+    except (OSError, RuntimeError, ValueError) as exc:  # a link loop: RuntimeError before Python 3.13, then OSError
+        raise InputError(f"{where}: video path {printable(video)[:200]} cannot be resolved "
+                         f"({printable(getattr(exc, 'strerror', None) or exc)[:200]})") from None
 
 
 def caption_for_span(entry: dict | None, start_s: float, end_s: float) -> dict | None:

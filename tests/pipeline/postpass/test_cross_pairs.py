@@ -465,3 +465,135 @@ def test_the_views_of_one_subject_draw_different_references_of_that_identity():
             if plan.base == 0:
                 partners = [r.partner for r in plan.replacements if r.kind == "same_identity"]
                 assert len(partners) == 2 and partners[0] != partners[1], partners
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shards and samples from elsewhere (issue 20): skipped with a warning naming them, never the pass
+
+
+def commit_tampered(out, sources, tamper=None):
+    """Sources committed in one shard, as `commit_sources` does, after `tamper(source, samples)` changed them."""
+    ledger = Ledger(out)
+    sink = ShardSink(out, OutputConfig(shard_max_samples=64), ledger, ledger.recover())
+    for source in sources:
+        entry, samples = source_entry_and_samples(source)
+        if tamper is not None:
+            tamper(source, samples)
+        sink.add_source(entry, samples)
+    sink.close()
+
+
+def pass_with_warnings(out, cfg=None):
+    """The cross pass with a console that records its warnings: (result, text printed)."""
+    from rich.console import Console
+
+    text = io.StringIO()
+    ledger = Ledger(out)
+    result = build_cross_pairs(out, cfg or config(), ledger, ledger.read(), Console(file=text, width=400))
+    return result, text.getvalue()
+
+
+def _object_array() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    return buffer.getvalue()
+
+
+def _with_meta(sample, change):
+    meta = json.loads(sample["json"])
+    change(meta)
+    sample["json"] = sample_json(meta)
+
+
+BAD_SAMPLES = {  # source -> (what is done to its clip-0 sample, what the warning says)
+    0: (lambda s: s.update({"faces.npy": _object_array()}), "Python objects"),
+    1: (lambda s: s.update({"faces.npy": npy_bytes(np.ones((2, DIM), np.int64))}), "not a 2-D table of floats"),
+    2: (lambda s: s.update({"faces.npy": npy_bytes(np.ones(2 * DIM, np.float32))}), "not a 2-D table of floats"),
+    3: (lambda s: s.update({"faces.npy": npy_bytes(np.ones((3, DIM), np.float32))}), "3 rows"),
+    4: (lambda s: _with_meta(s, lambda m: m["entities"][0]["references"][0].update(file="../x")), "'../x'"),
+    5: (lambda s: _with_meta(s, lambda m: m["entities"][0]["references"][0].update(file=5)), "file"),
+    6: (lambda s: s.update({"json": b"[" * 100_000}), "nested deeper"),
+}
+
+
+def test_samples_that_are_not_ours_are_left_out_with_a_warning(tmp_path):
+    """A pickled (object), integer, 1-D or misaligned faces.npy, a reference naming `../x` or a number, a KEY.json
+    nested 100k deep: each such sample is left out, named with its shard; the pass uses the others."""
+    def tamper(source, samples):
+        if source in BAD_SAMPLES:
+            BAD_SAMPLES[source][0](samples[0])
+
+    commit_tampered(tmp_path, range(12), tamper)
+    result, printed = pass_with_warnings(tmp_path)
+    bad = {source_entry_and_samples(s)[1][0]["__key__"]: why for s, (_, why) in BAD_SAMPLES.items()}
+    for key, why in bad.items():
+        line = next((line for line in printed.splitlines() if key in line), "")
+        assert "shards/train-000000.tar" in line and why in line, (key, why, printed)
+    assert result["own"] == 60 - len(bad) and result["info"]["unreadable"] == len(bad)
+    assert Ledger(tmp_path).read().cross["samples"] and not keys_used(tmp_path) & set(bad)
+
+
+def keys_used(out) -> set[str]:
+    """The own keys the current cross samples were made from: bases, plate donors and same-identity partners."""
+    used = set()
+    for sample in cross_samples(out).values():
+        meta = json.loads(sample["json"])
+        used.add(meta["cross_pair"]["base"])
+        used.add(meta["cross_pair"]["background_from"] or meta["cross_pair"]["base"])
+        used.update(r["cross"]["from_key"] for e in meta["entities"] for r in e.get("references") or []
+                    if r.get("cross", {}).get("kind") == "same_identity")
+    return used
+
+
+def test_shards_that_cannot_be_read_are_skipped_with_a_warning(tmp_path):
+    """A gzip-compressed shard and a shard that is a link to a tar outside the directory: neither is read (the
+    linked one's samples never reach a cross sample), each is named; the pass builds from the remaining shard."""
+    import gzip
+
+    out = tmp_path / "out"
+    for sources in ([0, 1, 2, 3], [4, 5], [6, 7]):
+        commit_sources(out, sources)
+    shards = out / "shards"
+    (shards / "train-000001.tar").write_bytes(gzip.compress((shards / "train-000001.tar").read_bytes()))
+    outside = tmp_path / "elsewhere.tar"
+    (shards / "train-000002.tar").rename(outside)
+    (shards / "train-000002.tar").symlink_to(outside)
+    result, printed = pass_with_warnings(out)
+    assert "shards/train-000001.tar: cannot be read, its 10 samples are left out" in printed and "gzip" in printed
+    assert "shards/train-000002.tar: cannot be read, its 10 samples are left out" in printed
+    assert "symbolic link" in printed
+    assert result["own"] == 20 and result["info"]["unreadable"] == 20 and result["shards"]
+    assert {key[:16] for key in keys_used(out)} <= {f"{s:016x}" for s in range(4)}  # source ids of shard 0
+
+
+def _png_bomb(width: int = 8_000, height: int = 8_000) -> bytes:
+    """A PNG whose header declares width x height 8-bit grey pixels, with almost no data: a decoder that trusts it
+    allocates the whole image first."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def test_a_base_whose_pixels_do_not_decode_is_skipped_with_a_warning(tmp_path):
+    """Sources 35 and 36 (a new person in every clip: every replacement is a composite of the base's own
+    reference). Source 35's references are a PNG bomb (refused from its header) or not a PNG at all: its bases are
+    skipped and named; the cross samples of source 36 are written."""
+    def tamper(source, samples):
+        if source == 35:
+            for i, sample in enumerate(samples):
+                if "ref0.png" in sample:
+                    sample["ref0.png"] = _png_bomb() if i % 2 else b"\x89PNG\r\n\x1a\nnot really"
+
+    commit_tampered(tmp_path, [35, 36], tamper)
+    result, printed = pass_with_warnings(tmp_path)
+    skipped = result["info"]["skipped"].get("unreadable", 0)
+    assert skipped > 0 and printed.count("skipped (HostileData") == skipped
+    assert "over the limit" in printed and "not a readable image" in printed
+    bases = {json.loads(s["json"])["cross_pair"]["base"][:16] for s in cross_samples(tmp_path).values()}
+    assert bases == {f"{36:016x}"} and len(Ledger(tmp_path).read().cross["samples"]) == result["target"] - skipped

@@ -1,10 +1,12 @@
-"""`s2v curate refilter`: new thresholds re-applied from the stored stats of a real finished run, with no model."""
+"""`s2v curate refilter`: new thresholds re-applied from the stored stats of a real finished run, with no model; and
+a synthetic source run from elsewhere whose hostile config, shards and samples are refused or skipped."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -162,3 +164,162 @@ def test_views_attributes_and_tracks_are_re_decided():
     strict = build_config({}, ["filters.instances.min_area=0.05", "filters.tracks.min_presence=0.8"])
     assert _refilter_meta(meta, strict) == ("track_filter", "subject_absent")
     assert entity["track_rejected"] == "rarely_present" and "references" not in entity
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A source run from elsewhere (issue 20): hostile data is refused or skipped, never a traceback or a torn output
+
+
+def synthetic_source(out: Path, sources=range(4), tamper=None) -> Path:
+    """A committed run refilter can re-decide, one shard per source, written as a real one is
+    (pipeline/testing/synthetic_runs.py) plus the stats and entity fields refilter's filters read;
+    `tamper(source, samples)` changes a source's samples before they are committed."""
+    from pipeline.core.config import OutputConfig
+    from pipeline.store.ledger import Ledger
+    from pipeline.store.shards import ShardSink, sample_json
+    from pipeline.testing.synthetic_runs import CLIPS_PER_SOURCE, enrich, source_entry_and_samples, write_config
+
+    out.mkdir(parents=True)
+    write_config(out)
+    ledger = Ledger(out)
+    sink = ShardSink(out, OutputConfig(shard_max_samples=CLIPS_PER_SOURCE), ledger, ledger.recover())
+    for source in sources:
+        entry, samples = source_entry_and_samples(source)
+        for i, sample in enumerate(samples):
+            meta = enrich(json.loads(sample["json"]), source * CLIPS_PER_SOURCE + i, False)
+            for detection in meta["detections"]:
+                if detection["stats"]["face"]:
+                    detection["stats"]["face"]["size_px"] = 40
+            for entity in meta["entities"]:
+                if "reference" in entity:
+                    entity["instances"] = [entity["reference"]["detection"]]
+            sample["json"] = sample_json(meta)
+        if tamper is not None:
+            tamper(source, samples)
+        sink.add_source(entry, samples)
+    sink.close()
+    return out
+
+
+def refilter_quietly(src: Path, dst: Path, overrides=()) -> tuple[dict, str]:
+    """`refilter` with its console recorded: (summary, what it printed)."""
+    import io
+
+    from rich.console import Console
+
+    text = io.StringIO()
+    summary = refilter(src, dst, list(overrides), console=Console(file=text, width=400))
+    return summary, text.getvalue()
+
+
+def own_keys(out: Path) -> set[str]:
+    return {key for key in samples_of(out) if not key.endswith("-x")}
+
+
+def test_a_billion_laughs_config_is_refused_quickly(tmp_path):
+    """520 bytes of YAML aliases that expand to 10^9 nodes: it took 5 GB and never finished; now a clear error
+    (HostileData, a user error: exit 2) before anything is expanded."""
+    from click.testing import CliRunner
+
+    from pipeline.cli.main import main
+    from pipeline.core.untrusted import HostileData
+    from pipeline.postpass.refilter import load_run_config
+
+    src = synthetic_source(tmp_path / "src", [0])
+    laughs = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    laughs += [f"{b}: &{b} [{','.join([f'*{a}'] * 10)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    (src / "config.yaml").write_text("\n".join(laughs) + "\n")
+    assert len((src / "config.yaml").read_bytes()) < 600
+    with pytest.raises(HostileData, match="config.yaml: expands to more than"):
+        load_run_config(src, [])
+    bad = CliRunner().invoke(main, ["curate", "refilter", str(src), "--output", str(tmp_path / "rf")])
+    assert bad.exit_code == 2 and "expands to more than" in bad.output and "Traceback" not in bad.output
+
+
+def _object_array() -> bytes:
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    return buffer.getvalue()
+
+
+def _set_file(sample: dict, value) -> None:
+    from pipeline.store.shards import sample_json
+
+    meta = json.loads(sample["json"])
+    meta["entities"][0]["references"][0]["file"] = value
+    sample["json"] = sample_json(meta)
+
+
+BAD_SAMPLES = {  # source -> (what is done to its clip-0 sample, what the warning says)
+    0: (lambda s: _set_file(s, "../x"), "reference file '../x' is not"),
+    1: (lambda s: _set_file(s, 5), "KEY.json: entities.0.references.0.file"),
+    2: (lambda s: s.update({"faces.npy": _object_array()}), "KEY.faces.npy: an array of Python objects"),
+    3: (lambda s: s.update({"json": s["json"].replace(b'"instances"', b'"no_instances"')}), "KeyError"),
+}
+
+
+def test_samples_that_are_not_ours_are_skipped_and_the_output_is_whole(tmp_path):
+    """A reference named `../x` or 5, a pickled faces.npy, an entity without the fields the filters read: each
+    raised a traceback and left a torn output. Now each is skipped, named with its shard, and counted; the output
+    holds every other sample and passes `s2v shards verify`."""
+    from pipeline.inspection.verify import verify
+    from pipeline.testing.synthetic_runs import source_entry_and_samples
+
+    def tamper(source, samples):
+        if source in BAD_SAMPLES:
+            BAD_SAMPLES[source][0](samples[0])
+
+    refilter(synthetic_source(tmp_path / "clean", range(6)), tmp_path / "clean-rf", [], console=None)
+    summary, printed = refilter_quietly(synthetic_source(tmp_path / "src", range(6), tamper), tmp_path / "rf")
+    bad = {source_entry_and_samples(s)[1][0]["__key__"]: why for s, (_, why) in BAD_SAMPLES.items()}
+    for key, why in bad.items():
+        line = next((line for line in printed.splitlines() if key in line), "")
+        assert f"shards/train-00000{int(key[:16], 16)}.tar" in line and why in line, (key, printed)
+    assert "Traceback" not in printed
+    assert summary["refilter"]["dropped"]["refilter/unreadable_sample"] == len(bad)
+    assert len(summary["refilter"]["skipped"]) == len(bad)
+    assert own_keys(tmp_path / "rf") == own_keys(tmp_path / "clean-rf") - set(bad)
+    assert verify(tmp_path / "rf") == []
+
+
+def _gzip(path: Path, outside: Path) -> None:
+    import gzip
+
+    path.write_bytes(gzip.compress(path.read_bytes()))
+
+
+def _truncate(path: Path, outside: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _link_outside(path: Path, outside: Path) -> None:
+    path.rename(outside)
+    path.symlink_to(outside)
+
+
+@pytest.mark.parametrize("damage, says", [(_gzip, "gzip-compressed"), (_truncate, "cut short"),
+                                          (_link_outside, "symbolic link")])
+def test_a_shard_that_cannot_be_read_is_skipped_and_none_of_it_is_copied(tmp_path, damage, says):
+    """A compressed, a cut-short and a linked shard (the link points outside the run: refilter once copied what
+    it pointed at into the new output). The shard is named, none of its bytes reach the output, its clips are
+    dropped as `refilter/unreadable_shard`, and the output of the other shards is whole."""
+    from pipeline.inspection.verify import verify
+
+    src = synthetic_source(tmp_path / "src", range(3))
+    refilter(src, tmp_path / "clean-rf", [], console=None)
+    damaged = src / "shards" / "train-000001.tar"
+    with tarfile.open(damaged) as tar:
+        videos = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".mp4")]
+    damage(damaged, tmp_path / "elsewhere.tar")
+    summary, printed = refilter_quietly(src, tmp_path / "rf")
+    assert "shards/train-000001.tar: cannot be read, its 5 samples are not copied" in printed and says in printed
+    assert summary["refilter"]["dropped"]["refilter/unreadable_shard"] == 5
+    source1 = f"{1:016x}"
+    assert own_keys(tmp_path / "rf") == {k for k in own_keys(tmp_path / "clean-rf") if not k.startswith(source1)}
+    written = b"".join(p.read_bytes() for p in (tmp_path / "rf" / "shards").iterdir())
+    assert videos and not any(video in written for video in videos)
+    assert verify(tmp_path / "rf") == []

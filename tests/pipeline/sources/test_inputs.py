@@ -94,3 +94,30 @@ def test_inputs_in_object_storage_by_prefix_object_and_pattern(s3_server):
     assert [p["source"] for p in problems] == ["s3://inputs-test/nothing/"]
     records = source_records(found, {})
     assert records[0].source_path == uris[0] and records[0].meta["source"]["size"] == 10
+
+
+HOSTILE_LINES = {
+    "holds a NUL byte": json.dumps({"video": "a\x00b.mp4"}),
+    "cannot be resolved": json.dumps({"video": "loop_a/x.mp4"}),
+    "nested deeper than": '{"video": "a.mp4", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    "'shots' is a JSON int, not a list": json.dumps({"video": "a.mp4", "shots": 5}),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(HOSTILE_LINES))
+def test_hostile_metadata_lines_are_clear_errors_naming_file_and_line(tmp_path, problem):
+    """Each of these raised a traceback (ValueError, RuntimeError, RecursionError, TypeError), not an InputError."""
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    meta = tmp_path / "m.jsonl"
+    meta.write_text(json.dumps({"video": "a.mp4"}) + "\n" + HOSTILE_LINES[problem] + "\n")
+    with pytest.raises(InputError, match=f"m.jsonl, line 2: .*{problem}"):
+        load_metadata(str(meta))
+
+
+def test_an_unreadable_metadata_file_is_a_clear_error(tmp_path):
+    (tmp_path / "loop.jsonl").symlink_to(tmp_path / "loop.jsonl")
+    with pytest.raises(InputError, match="loop.jsonl: cannot read it"):
+        load_metadata(str(tmp_path / "loop.jsonl"))
+    with pytest.raises(InputError, match="cannot read it"):
+        load_metadata(str(tmp_path / "nul\x00.jsonl"))
