@@ -18,8 +18,9 @@ from pipeline.core.errors import UserFacingError
 # Keys the pipeline writes: `<16 hex>-<first>-<last>`, and `...-x` for cross pairs. No dots (WebDataset splits a
 # member name at the first dot), no path separators, and not starting with "-" so a key is never read as an option.
 _KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,199}")
-# What follows `KEY.` in a member name: "json", "mp4", "ref0.png", "faces.npy", ...
-_PART = re.compile(r"[A-Za-z0-9_]{1,64}(\.[A-Za-z0-9_]{1,64}){0,3}")
+# What follows `KEY.` in a member name: "json", "mp4", "ref0.png", "faces.npy", ... Not starting with "_": a part
+# named `__key__` or `__url__` would overwrite what a reader (ours, or webdataset) puts under those names.
+_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]{0,63}(\.[A-Za-z0-9_]{1,64}){0,3}")
 _SHARD = re.compile(r"(?:shards|rejects)/[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}\.tar")
 
 

@@ -85,6 +85,13 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as infinity, which JSON cannot write back
+        raise ValueError(f"{text[:40]} is not a finite number")
+    return value
+
+
 def load_json(data: bytes | str, what: str, max_bytes: int | None = None) -> Any:
     """`data` parsed as strict JSON (no NaN/Infinity), refused with HostileData when it is larger than `max_bytes`
     (default: max_json_mb), nested deeper than max_json_depth, or not JSON. `what` names it in the message."""
@@ -93,7 +100,7 @@ def load_json(data: bytes | str, what: str, max_bytes: int | None = None) -> Any
     if len(data) > cap:
         raise HostileData(f"{what}: {len(data)} bytes, over the {cap} byte limit")
     try:
-        value = json.loads(data, parse_constant=_reject_constant)
+        value = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise HostileData(f"{what}: nested deeper than {limits.max_json_depth} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -210,8 +217,10 @@ def check_image(data: bytes, what: str) -> tuple[int, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:  # reads the header only
                 width, height = image.size
-    except Image.DecompressionBombError:  # Pillow's own, hard limit (twice its MAX_IMAGE_PIXELS): far over ours
-        raise HostileData(f"{what}: over the limit of {limit} pixels ({ENV_PREFIX}MAX_PIXELS); not decoded") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own hard limit (twice its MAX_IMAGE_PIXELS): over ours
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        raise HostileData(f"{what}: {size.group(1) + ' pixels, ' if size else ''}over the limit of {limit} pixels "
+                          f"({ENV_PREFIX}MAX_PIXELS); not decoded") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise HostileData(f"{what}: not a readable image ({printable(exc)})") from None
     if width < 1 or height < 1 or width * height > limit:

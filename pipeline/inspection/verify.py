@@ -375,6 +375,9 @@ def _check_sample(url: str, sample: dict) -> list[Problem]:
     if faces:
         expected.add("faces.npy")
     detections = meta.get("detections") or []
+    if "dclip.npy" in parts:  # CLIP embeddings of the detections' crops (a CLIP model was configured)
+        expected.add("dclip.npy")
+        found += _table_rows(parts["dclip.npy"], "dclip.npy", len(detections), "detections", problem)
     segmented = "segmentation" in ((meta.get("provenance") or {}).get("stages") or {})
     if segmented or any(DMASK.fullmatch(ext) for ext in parts):
         expected.update(f"dmask{i}.png" for i in range(len(detections)))
@@ -384,12 +387,7 @@ def _check_sample(url: str, sample: dict) -> list[Problem]:
     for ext in sorted(set(parts) - expected):
         found.append(problem("unexpected_part", f"KEY.{ext} is named by nothing in KEY.json"))
     if faces and "faces.npy" in parts:
-        try:
-            rows = load_npy(parts["faces.npy"], "KEY.faces.npy")
-            if rows.ndim != 2 or len(rows) != len(faces):
-                found.append(problem("bad_part", f"KEY.faces.npy is {rows.shape}, KEY.json lists {len(faces)} faces"))
-        except HostileData as exc:
-            found.append(problem("bad_part", str(exc)))
+        found += _table_rows(parts["faces.npy"], "faces.npy", len(faces), "faces", problem)
 
     in_cross_shard = Path(url).name.startswith(f"{CROSS_PREFIX}-")
     if in_cross_shard != key.endswith(KEY_SUFFIX) or in_cross_shard != ("cross_pair" in meta):
@@ -397,6 +395,17 @@ def _check_sample(url: str, sample: dict) -> list[Problem]:
                              f"{'present' if key.endswith(KEY_SUFFIX) else 'absent'}, cross_pair "
                              f"{'present' if 'cross_pair' in meta else 'absent'}"))
     return found
+
+
+def _table_rows(data: bytes, part: str, rows: int, what: str, problem) -> list[Problem]:
+    """A KEY.*.npy embedding table must be 2-D with one row per entry of KEY.json's `what` list."""
+    try:
+        table = load_npy(data, f"KEY.{part}")
+    except HostileData as exc:
+        return [problem("bad_part", str(exc))]
+    if table.ndim != 2 or len(table) != rows:
+        return [problem("bad_part", f"KEY.{part} is {table.shape}, KEY.json lists {rows} {what}")]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------------------------
