@@ -72,6 +72,8 @@ def test_json_depth_size_and_non_numbers():
         load_json(b'{"a":' * 70 + b"1" + b"}" * 70, "KEY.json")
     with pytest.raises(HostileData, match="NaN is not a JSON number"):
         load_json(b'{"height": NaN}', "KEY.json")
+    with pytest.raises(HostileData, match="1e999 is not a finite number"):
+        load_json(b'{"height": 1e999}', "KEY.json")  # infinity: json.dumps would write it back as Infinity
     with pytest.raises(HostileData, match="over the 100 byte limit"):
         load_json(b" " * 101, "KEY.json", max_bytes=100)
     assert load_json(b'{"a": [1, 2.5, "x"]}', "KEY.json") == {"a": [1, 2.5, "x"]}
