@@ -319,8 +319,6 @@ def _tar_structure(out: Storage, url: str, size: int) -> tuple[str, str] | None:
     """(problem, detail) of why shard `url` is not a whole tar of ours, or None: the one shard reader's checks
     (pipeline/store/shards.py `iter_members`: not compressed, regular non-sparse members within the file and their
     size caps, KEY.PART names), then the end-of-archive blocks. Reads headers only."""
-    if size % BLOCK:
-        return "truncated_tar", f"{size} bytes is not a whole number of {BLOCK}-byte tar blocks (cut short?)"
     end = 0
     try:
         for _key, _part, member, _read in iter_members((out, url), url):
@@ -329,6 +327,8 @@ def _tar_structure(out: Storage, url: str, size: int) -> tuple[str, str] | None:
         return exc.reason, str(exc)
     except UnsafeName as exc:
         return "unsafe_name", str(exc)
+    if size % BLOCK:
+        return "truncated_tar", f"{size} bytes is not a whole number of {BLOCK}-byte tar blocks (cut short?)"
     with out.open_read(url) as f:
         f.seek(end)
         tail = f.read(2 * BLOCK)
