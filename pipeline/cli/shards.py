@@ -84,8 +84,10 @@ def shards_why(out_dir, name):
         click.echo(f"{name}: not in {out_dir} (no input path, file name, source id or clip key matches; a file "
                    "not yet committed, or skipped as already committed by an earlier run, is not listed)", err=True)
         sys.exit(1)
-    for line in lines:
-        click.echo(line)
+    from pipeline.core.untrusted import printable
+
+    for line in lines:  # paths and reasons from the ledger: control characters shown escaped
+        click.echo(printable(line))
 
 
 @shards.command("show")

@@ -115,3 +115,15 @@ def test_rejects_shards_commit_by_their_own_line_and_debris_is_removed(tmp_path)
     assert sampler.take(staged_example("k2", "consolidation/x")) is None
     assert sampler.take(staged_example("k4", "consolidation/x")) == "consolidation/x"
     assert sampler.take({"key": "k5", "reject": None}) is None  # the worker staged no example of it
+
+
+def test_why_and_stats_print_escape_sequences_from_the_ledger_escaped(tmp_path):
+    """A ledger from elsewhere can hold any text in paths and messages: a terminal shows it, never obeys it."""
+    hostile = "/in/\x1b]0;owned\x07\x1b]52;c;ZXZpbA==\x07[link=http://x]v[/link][/x].mp4"
+    Ledger(tmp_path).append({**entry("h", "rejected", stage="probe", reason="not_a_video"), "path": hostile})
+    result = CliRunner().invoke(main, ["shards", "why", str(tmp_path), "h"])
+    assert result.exit_code == 0 and "\x1b" not in result.output and "\x07" not in result.output
+    assert "\\x1b]0;owned\\x07" in result.output
+    stats = CliRunner().invoke(main, ["shards", "stats", str(tmp_path)], env={"COLUMNS": "300"})
+    assert stats.exit_code == 0, stats.output  # before: rich MarkupError on "[/x]"
+    assert "\x1b]" not in stats.output and "\x07" not in stats.output and "[link=http://x]" in stats.output
