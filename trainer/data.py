@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.core.errors import UserFacingError
 from pipeline.core.names import UnsafeName, check_key, check_shard
 from pipeline.core.storage import check_uri, is_remote, open_storage, parent
-from pipeline.core.untrusted import MB, HostileData, check_image, load_json, read_limits
+from pipeline.core.untrusted import MB, HostileData, check_image, load_json, printable, read_limits
 from pipeline.core.video import VideoError, probe, read_frames
 from pipeline.store.sample_meta import parse_sample_meta
 from pipeline.store.shards import iter_samples
@@ -174,9 +174,12 @@ def _indexed(out) -> list[str]:
     entries = index.get("shardlist") if isinstance(index, dict) else None
     if not isinstance(entries, list):
         raise HostileData(f"{out.join('index.json')}: no shardlist (is it the index of an `s2v curate run`?)")
-    urls = []
+    urls: dict[str, str] = {}  # url -> path or URI, in index order
     for entry in entries:
         url = entry.get("url") if isinstance(entry, dict) else None
+        if isinstance(url, str) and url in urls:  # listed twice: its samples would train twice an epoch (or 1000x)
+            log.warning("shards: %s is listed more than once in index.json; reading it once", printable(url))
+            continue
         try:
             check_shard(url, out.uri)
             if out.info(url) is None:
@@ -184,8 +187,8 @@ def _indexed(out) -> list[str]:
         except (UserFacingError, OSError) as exc:  # UnsafeName, UnsafeFile (a link, a FIFO), missing
             log.warning("shards: leaving out an index.json entry: %s", exc)
             continue
-        urls.append(out.join(url))
-    return urls
+        urls[url] = out.join(url)
+    return list(urls.values())
 
 
 def _seed(*parts) -> int:

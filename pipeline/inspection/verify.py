@@ -43,7 +43,7 @@ from pipeline.core.errors import UserFacingError
 from pipeline.core.names import CROSS_PREFIX, KEY_SUFFIX, UnsafeName, check_key, check_part, check_shard
 from pipeline.core.storage import Storage, UnsafeFile
 from pipeline.core.untrusted import MB, HostileData, load_json, load_npy, printable, read_limits
-from pipeline.store.ledger import SHARD_DIR, Ledger, as_storage
+from pipeline.store.ledger import REJECTS_DIR, SHARD_DIR, Ledger, as_storage
 from pipeline.store.sample_meta import parse_sample_meta
 from pipeline.store.shards import TMP_SUFFIX, ShardError, iter_members
 
@@ -241,6 +241,11 @@ def _check_index_entries(index: list[dict], problems: list[Problem]) -> None:
 
 
 def _check_unlisted_files(out: Storage, listed: set[str], problems: list[Problem]) -> None:
+    try:  # rejects/ holds no training data, but a link there would be followed by stats and show
+        for rel, what in out.irregular(REJECTS_DIR):
+            problems.append(Problem("unsafe_file", f"{what}, not a regular file; never read", shard=rel))
+    except UnsafeFile as exc:
+        problems.append(Problem("unsafe_file", str(exc), shard=REJECTS_DIR))
     try:
         for rel, what in out.irregular(SHARD_DIR):
             problems.append(Problem("unsafe_file", f"{what}, not a regular file; never read", shard=rel))
@@ -462,6 +467,10 @@ def _manifest_rows(out: Storage, samples: int, problems: list[Problem]) -> dict[
         rows: dict[str, str] = {}
         for batch in parquet.iter_batches(batch_size=65_536, columns=["key", "shard"]):
             for key, shard in zip(batch.column("key").to_pylist(), batch.column("shard").to_pylist()):
+                if not isinstance(key, str) or not isinstance(shard, str):
+                    problems.append(Problem("bad_manifest", f"manifest.parquet has a row whose key or shard is not "
+                                            f"text ({printable(repr(key))[:80]}, {printable(repr(shard))[:80]})"))
+                    return None
                 if key in rows:
                     problems.append(Problem("manifest_duplicate", "two manifest rows", key=str(key)))
                 rows[key] = shard

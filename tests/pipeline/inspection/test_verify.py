@@ -3,10 +3,12 @@ named precisely (a damaged copy shows that problem and no unrelated one)."""
 
 import hashlib
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -14,7 +16,7 @@ import webdataset as wds
 from pipeline.inspection.verify import verify, verify_output
 from pipeline.store.ledger import Ledger
 from pipeline.store.outputs import write_outputs
-from pipeline.testing import synthetic_runs
+from pipeline.testing import hostile, synthetic_runs
 
 SHARD = "shards/train-000000.tar"
 
@@ -200,3 +202,90 @@ def test_a_run_in_progress_and_an_empty_directory_are_reported(run_copy, tmp_pat
     empty = tmp_path / "empty"
     empty.mkdir()
     assert whats(verify(empty)) == ["no_index"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Directories made elsewhere (issue 20): each hostile shape is a named problem, and nothing is inflated or followed
+
+
+@pytest.fixture
+def cross_copy(cross_run, tmp_path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(cross_run, out)
+    return out
+
+
+def _prepend(out: Path, raw: bytes) -> None:
+    """Put `raw` (tar member bytes) first in the first own shard and reseal it (index.json and ledger updated)."""
+    path = out / SHARD
+    path.write_bytes(raw + path.read_bytes())
+    reindex(out, SHARD)
+
+
+@pytest.mark.parametrize("raw, what, says", [
+    (hostile.header("k0-0000000-0000001.mp4", 0, kind=tarfile.SYMTYPE, linkname="/etc/passwd"), "irregular_member",
+     "a symbolic link"),
+    (hostile.header("k0-0000000-0000001.mp4", 0, kind=tarfile.CHRTYPE, devmajor=1, devminor=3), "irregular_member",
+     "a device"),
+    (hostile.header("k0-0000000-0000001.mp4", 0, kind=tarfile.FIFOTYPE), "irregular_member", "a FIFO"),
+    (hostile.sparse_gnu("k0-0000000-0000001.mp4", 2 << 30), "irregular_member", "a sparse file"),
+    (hostile.member("README", b"hello"), "unsafe_name", "'README' is not KEY.PART"),
+    (hostile.member("x.y/z", b"hello"), "unsafe_name", "'x.y/z' is not KEY.PART"),
+])
+def test_a_shard_holding_a_member_that_is_not_ours_never_verifies_ok(cross_copy, raw, what, says):
+    _prepend(cross_copy, raw)
+    problems = verify(cross_copy)
+    assert [(p.what, p.shard) for p in problems if p.what == what] == [(what, SHARD)], problems
+    assert says in next(p.detail for p in problems if p.what == what)
+
+
+def test_a_compressed_shard_is_reported_and_not_inflated(cross_copy):
+    (cross_copy / SHARD).write_bytes(hostile.gzip_bomb(4 << 30))  # ~4 MB on disk, 4 GiB inflated
+    reindex(cross_copy, SHARD)
+    problems = verify(cross_copy)
+    shard_problems = {p.what for p in problems if p.shard == SHARD}
+    # Its samples are missing (manifest, ledger keys), but it was never read as a tar: no "unreadable" after it.
+    assert "compressed_shard" in shard_problems and "unreadable" not in shard_problems, problems
+
+
+def test_links_and_fifos_in_shards_are_reported_and_never_opened(cross_copy, tmp_path):
+    (tmp_path / "elsewhere.tar").write_bytes((cross_copy / SHARD).read_bytes())
+    (cross_copy / SHARD).unlink()
+    (cross_copy / SHARD).symlink_to(tmp_path / "elsewhere.tar")
+    os.mkfifo(cross_copy / "shards" / "train-999999.tar")
+    problems = verify(cross_copy)
+    unsafe = sorted((p.shard, p.detail.split(";")[0][-30:]) for p in problems if p.what == "unsafe_file")
+    assert [shard for shard, _ in unsafe] == [SHARD, SHARD, "shards/train-999999.tar"], problems
+
+
+def test_an_index_entry_whose_url_is_not_text_is_reported(cross_copy):
+    index = json.loads((cross_copy / "index.json").read_text())
+    index["shardlist"].append({"url": ["shards", "x.tar"], "nsamples": "many", "filesize": 1, "sha256": "0"})
+    (cross_copy / "index.json").write_text(json.dumps(index))
+    problems = verify(cross_copy)  # before: TypeError (unhashable list)
+    assert any(p.what == "bad_index" and "['shards', 'x.tar']" in p.detail for p in problems), problems
+
+
+def test_a_manifest_declaring_millions_of_rows_is_not_read(cross_copy):
+    import pyarrow as pa
+
+    rows = 12_000_000
+    key = pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, dtype=np.int32)), pa.array(["k"]))
+    pq.write_table(pa.table({"key": key, "shard": key}), cross_copy / "manifest.parquet", compression="zstd")
+    assert (cross_copy / "manifest.parquet").stat().st_size < 400_000
+    problems = verify(cross_copy)  # before: 4 GB, then MemoryError
+    assert [p.what for p in problems if p.what.startswith("manifest")] == ["manifest_rows"], problems
+
+
+def test_verify_output_shows_data_text_with_control_characters_escaped(cross_copy):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from pipeline.inspection.verify import print_verification
+
+    _prepend(cross_copy, hostile.member("\x1b]52;c;cHduZWQ=\x07.json", b"{}"))
+    buffer = StringIO()
+    print_verification(verify_output(cross_copy), Console(file=buffer, force_terminal=True, width=400))
+    printed = buffer.getvalue()
+    assert "\x07" not in printed and "\x1b]52" not in printed and "\\x1b]52" in printed
