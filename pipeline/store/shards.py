@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import webdataset as wds
 
 from pipeline.core.config import OutputConfig
 from pipeline.core.errors import UserFacingError
@@ -112,6 +111,9 @@ class ShardWriter:
         self._rel = rel
         self._context = self.storage.open_write(rel)
         self._file = _Counting(self._context.__enter__())
+        # Imported here: webdataset imports torch (1.4 s), which no read-only command (stats, show) needs.
+        import webdataset as wds
+
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0)  # reproducible tar headers
 
     def _finish(self) -> None:
