@@ -48,24 +48,6 @@ def members(path: Path) -> list[tarfile.TarInfo]:
         return tar.getmembers()
 
 
-def reindex(out: Path, shard: str) -> None:
-    """Record a rewritten shard's size and sha256 in index.json and in its ledger line, as a run would have."""
-    data = (out / shard).read_bytes()
-    size, digest = len(data), hashlib.sha256(data).hexdigest()
-    index = json.loads((out / "index.json").read_text())
-    for entry in index["shardlist"]:
-        if entry["url"] == shard:
-            entry["filesize"], entry["sha256"] = size, digest
-    (out / "index.json").write_text(json.dumps(index))
-    lines = []
-    for line in (out / "ledger.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        if entry.get("type") == "shard" and entry["shard"] == shard:
-            entry["bytes"], entry["sha256"] = size, digest
-        lines.append(json.dumps(entry))
-    (out / "ledger.jsonl").write_text("\n".join(lines) + "\n")
-
-
 def test_a_finished_run_verifies_clean(curated_out):
     result = verify_output(curated_out)
     index = json.loads((curated_out / "index.json").read_text())
@@ -116,7 +98,7 @@ def test_a_missing_reference_file_is_the_one_problem(run_copy):
         for sample in samples:
             writer.write({k: v for k, v in sample.items()
                           if not (sample is victim and k == "ref0.png") and k not in ("__url__", "__local_path__")})
-    reindex(run_copy, SHARD)
+    hostile.reseal(run_copy, SHARD)
     problems = verify(run_copy)
     assert len(problems) == 1, problems
     assert (problems[0].what, problems[0].shard, problems[0].key) == ("missing_part", SHARD, victim["__key__"])
@@ -219,7 +201,7 @@ def _prepend(out: Path, raw: bytes) -> None:
     """Put `raw` (tar member bytes) first in the first own shard and reseal it (index.json and ledger updated)."""
     path = out / SHARD
     path.write_bytes(raw + path.read_bytes())
-    reindex(out, SHARD)
+    hostile.reseal(out, SHARD)
 
 
 @pytest.mark.parametrize("raw, what, says", [
@@ -241,7 +223,7 @@ def test_a_shard_holding_a_member_that_is_not_ours_never_verifies_ok(cross_copy,
 
 def test_a_compressed_shard_is_reported_and_not_inflated(cross_copy):
     (cross_copy / SHARD).write_bytes(hostile.gzip_bomb(4 << 30))  # ~4 MB on disk, 4 GiB inflated
-    reindex(cross_copy, SHARD)
+    hostile.reseal(cross_copy, SHARD)
     problems = verify(cross_copy)
     shard_problems = {p.what for p in problems if p.shard == SHARD}
     # Its samples are missing (manifest, ledger keys), but it was never read as a tar: no "unreadable" after it.
