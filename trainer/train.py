@@ -73,6 +73,19 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Biases, norm scales and the adaLN modulation tables (Wan's `modulation`, shaped [1, 1, 6, dim] and so not
+    caught by a dimension test) keep their scale: decaying them pulls the conditioning towards zero."""
+    return param.ndim < 2 or name.rsplit(".", 1)[-1].endswith("modulation") or ".norm" in f".{name}"
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on the trainable weight matrices, none on `_no_decay` parameters."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0}]
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     """A whole tensor from a possibly sharded one (FSDP2 DTensor)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
@@ -144,6 +157,7 @@ class Window:
     losses: list[torch.Tensor] = field(default_factory=list)
     ts: list[torch.Tensor] = field(default_factory=list)
     grad_norm: torch.Tensor | None = None
+    skipped: int = 0  # steps whose loss was not finite (no update)
 
 
 class Trainer:
@@ -180,11 +194,8 @@ class Trainer:
         self.wrapped = _wrap(self.model, cfg, self.device) if self.world > 1 else self.model
         # After wrapping: under FSDP2 the parameters are now shards, and the EMA and optimizer state follow them.
         self.ema = EMA(self.model, cfg.ema)
-        params = _trainable(self.model)
-        # Weight decay on matrices only: norms, biases and modulation vectors keep their scale.
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        self.opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas,
+        self.opt = torch.optim.AdamW(decay_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                     betas=cfg.optim.betas,
                                      fused=self.device.type == "cuda")
         self.net = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.loader = make_loader(cfg.data, self.rank, self.world)
@@ -226,6 +237,7 @@ class Trainer:
         lr = cfg.optim.lr * lr_factor(self.step, cfg.optim, cfg.steps)
         for group in self.opt.param_groups:
             group["lr"] = lr
+        losses, ts = [], []
         for micro in range(cfg.optim.grad_accum):
             waited = time.perf_counter()
             batch = self.next_batch()
@@ -235,10 +247,20 @@ class Trainer:
             _sync_grads(self.wrapped, cfg.dist.mode, last)  # only the last micro-batch all-reduces
             per_sample, t = self.loss(inputs, step_generator(cfg.seed, self.step, micro, self.rank))
             (per_sample.mean() / cfg.optim.grad_accum).backward()
-            window.losses.append(per_sample.detach())
-            window.ts.append(t.detach())
+            losses.append(per_sample.detach())
+            ts.append(t.detach())
             window.samples += per_sample.shape[0] * self.world
             window.flops += model_flops(self.model_config, inputs) * self.world
+        if not self._finite(losses):
+            # A NaN or inf loss would poison the weights, the optimizer moments and the EMA: the step is skipped
+            # (its batches are consumed, so a resume stays exact) and counted in the log.
+            self.opt.zero_grad(set_to_none=True)
+            window.skipped += 1
+            self.step += 1
+            window.steps += 1
+            return
+        window.losses += losses
+        window.ts += ts
         if cfg.optim.grad_clip is not None:
             window.grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), cfg.optim.grad_clip)
         self.opt.step()
@@ -246,6 +268,13 @@ class Trainer:
         self.ema.update(self.model, self.step)
         self.step += 1
         window.steps += 1
+
+    def _finite(self, losses: list[torch.Tensor]) -> bool:
+        """Whether every rank's losses of this step are finite (all ranks skip together, or none does)."""
+        finite = torch.stack([torch.isfinite(loss).all() for loss in losses]).all().float()
+        if self.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
 
     # -------------------------------------------------------------------------------------------- the run
 
@@ -278,7 +307,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()  # the GPU may lag the Python loop: time the work, not its queueing
         wall = time.perf_counter() - window.start
-        losses, ts = torch.cat(window.losses), torch.cat(window.ts)
+        empty = torch.empty(0, device=self.device)  # every step of the window skipped
+        losses, ts = torch.cat(window.losses or [empty]), torch.cat(window.ts or [empty])
         if self.world > 1:
             losses, ts = _all_gather(losses), _all_gather(ts)
         losses, ts = losses.cpu(), ts.cpu()
@@ -292,7 +322,8 @@ class Trainer:
         peak = peak_flops(self.cfg, self.device)
         metrics = {
             "step": self.step,
-            "loss": losses.mean().item(),
+            "loss": losses.mean().item() if losses.numel() else None,
+            "skipped_steps": window.skipped,  # non-finite loss: no update
             **buckets,
             "lr": self.opt.param_groups[0]["lr"],
             "grad_norm": None if window.grad_norm is None else _full(window.grad_norm).item(),
@@ -306,7 +337,9 @@ class Trainer:
                 f.write(json.dumps(metrics) + "\n")
             mfu = f"{metrics['mfu']:.1%}" if metrics["mfu"] is not None else "n/a"
             per_t = " ".join(f"{v:.3f}" if v is not None else "-" for v in buckets.values())
-            self.log(f"step {self.step:>6} | loss {metrics['loss']:.4f} | by t [{per_t}] | lr {metrics['lr']:.2e} | "
+            loss = f"{metrics['loss']:.4f}" if metrics["loss"] is not None else "n/a"
+            skipped = f" | {window.skipped} steps skipped (non-finite loss)" if window.skipped else ""
+            self.log(f"step {self.step:>6} | loss {loss}{skipped} | by t [{per_t}] | lr {metrics['lr']:.2e} | "
                      f"{step_time * 1000:.0f} ms/step | {metrics['samples_per_s']:.1f} samples/s | "
                      f"data wait {metrics['data_wait_frac']:.0%} | MFU {mfu}")
         return metrics

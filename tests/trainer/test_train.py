@@ -190,3 +190,49 @@ def test_fsdp2_on_two_gloo_processes_resumes_exactly(tmp_path, encoders):
         left = load_file(tmp_path / "straight" / "checkpoints" / "step-0000002" / name)
         right = load_file(tmp_path / "resumed" / "checkpoints" / "step-0000002" / name)
         assert left.keys() == right.keys() and all(torch.allclose(left[k], right[k], atol=1e-6) for k in left)
+
+
+def test_weight_decay_spares_biases_norms_and_modulation_tables():
+    """The 1b model's adaLN `modulation` tables are [1, 1, 6, dim]: a dimension test alone decayed them."""
+    from trainer.config import load_train_config
+    from trainer.model import DiT
+    from trainer.train import build_model_config, decay_groups
+
+    cfg = load_train_config(Path(__file__).resolve().parents[2] / "configs" / "train-tiny.yaml")
+    model = DiT(build_model_config(cfg, 16, 32))
+    decayed, spared = decay_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    spared_names = {names[id(p)] for p in spared["params"]}
+    assert (decayed["weight_decay"], spared["weight_decay"]) == (0.1, 0.0)
+    assert "head_modulation" in spared_names and "blocks.0.modulation" in spared_names
+    assert {"blocks.0.self_attn.norm_q.weight", "blocks.0.norm2.weight", "head.bias"} <= spared_names
+    assert {"blocks.0.self_attn.qkv.weight", "blocks.0.ffn.0.weight", "head.weight",
+            "patch_embed.weight"} <= decayed_names
+    assert not any("modulation" in n or ".norm" in n or n.endswith("bias") for n in decayed_names)
+    assert len(decayed_names) + len(spared_names) == len(names)
+
+
+def test_a_non_finite_loss_skips_the_step_and_is_counted(tmp_path, encoders):
+    """A batch that makes the loss NaN leaves weights, optimizer moments and EMA untouched; the log counts it."""
+    from trainer.train import Window
+
+    synthetic.write_synthetic_shards(tmp_path / "shards", 4, max_refs=1, frames=5, samples_per_shard=4)
+    cfg = make_config(tmp_path / "run", tmp_path / "shards", encoders, steps=2, ckpt_every=1000,
+                      data={"batch_size": 2, "shuffle_buffer": 0, "clip_offset": "start"})
+    trainer = Trainer(cfg, resume=False, log=lambda *_: None)
+    good = trainer.next_batch()
+    bad = {**good, "video": torch.full_like(good["video"], float("nan"))}
+    trainer.batches = iter([bad, good])
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    ema_before = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
+    window = Window()
+    trainer.train_step(window)
+    assert window.skipped == 1 and trainer.step == 1
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    assert all(torch.equal(v, ema_before[k]) for k, v in trainer.ema.state_dict().items())
+    assert not trainer.opt.state  # no moments from a NaN gradient
+    trainer.train_step(window)
+    assert window.skipped == 1 and any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    logged = trainer.log_window(window)
+    assert logged["skipped_steps"] == 1 and math.isfinite(logged["loss"])
