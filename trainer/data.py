@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import random
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -58,7 +57,7 @@ from pipeline.core.names import UnsafeName, check_key, check_shard
 from pipeline.core.storage import check_uri, is_remote, open_storage, parent
 from pipeline.core.untrusted import MB, HostileData, check_image, load_json, printable, read_limits
 from pipeline.core.video import VideoError, probe, read_frames
-from pipeline.store.sample_meta import parse_sample_meta
+from pipeline.store.sample_meta import REFERENCE_FILE, parse_sample_meta
 from pipeline.store.shards import iter_samples
 
 log = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ PAD = -1
 # subject_words[b][s] joins the phrases of subject slot s (word tag, then attribute words) with this separator;
 # TextEncoder.encode splits on it. Taxonomy words hold no commas.
 WORD_SEP = ", "
-_REF_MEMBER = re.compile(r"ref\d+\.png")
+_REF_MEMBER = REFERENCE_FILE["file"]
 _STATE_VERSION = 1
 
 

@@ -228,8 +228,9 @@ class LocalStorage(Storage):
                                  "(replace it with the file or folder itself)")
         return path
 
-    def _regular(self, rel: str) -> Path:
-        """The path of `rel`, which must be a regular file if it exists (strict mode)."""
+    def checked_path(self, rel: str) -> Path:
+        """The POSIX path of `rel`, which must be a regular file if it exists (strict mode): what callers that open
+        files themselves must use."""
         path = self._path(rel)
         if self.strict:
             try:
@@ -240,10 +241,6 @@ class LocalStorage(Storage):
                 raise UnsafeFile(f"{path} is {_kind(mode)}, not a regular file; refusing to read it")
         return path
 
-    def checked_path(self, rel: str) -> Path:
-        """The POSIX path of `rel` after the strict checks: what callers that open files themselves must use."""
-        return self._regular(rel)
-
     def __reduce__(self):
         return LocalStorage, (self.uri, self.strict)
 
@@ -251,7 +248,7 @@ class LocalStorage(Storage):
         return self._path(rel)
 
     def info(self, rel: str) -> Entry | None:
-        path = self._regular(rel)
+        path = self.checked_path(rel)
         try:
             st = os.stat(path)
         except OSError:
@@ -310,7 +307,7 @@ class LocalStorage(Storage):
 
     @contextmanager
     def local_copy(self, rel: str, scratch: str | None = None) -> Iterator[Path]:
-        yield self._regular(rel)
+        yield self.checked_path(rel)
 
     def download(self, rel: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -319,7 +316,7 @@ class LocalStorage(Storage):
 
     @contextmanager
     def open_write(self, rel: str) -> Iterator[BinaryIO]:
-        path = self._regular(rel)
+        path = self.checked_path(rel)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + TMP_SUFFIX)
         try:

@@ -229,16 +229,6 @@ def check_image(data: bytes, what: str) -> tuple[int, int]:
     return width, height
 
 
-def check_size(width: Any, height: Any, what: str) -> tuple[int, int]:
-    """A (width, height) pair from metadata, as positive integers within max_pixels; HostileData otherwise."""
-    limit = read_limits().max_pixels
-    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 1
-             and float(v).is_integer() for v in (width, height))
-    if not ok or int(width) * int(height) > limit:
-        raise HostileData(f"{what}: size {width!r}x{height!r} is not positive whole pixels within {limit}")
-    return int(width), int(height)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Text for a terminal
 

@@ -52,7 +52,6 @@ import hashlib
 import json
 import logging
 import random
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -67,7 +66,7 @@ from pipeline.core.names import CROSS_PREFIX, KEY_SUFFIX, check_shard
 from pipeline.core.storage import Storage
 from pipeline.core.untrusted import HostileData, check_image, load_npy, printable
 from pipeline.store.ledger import Ledger, LedgerState, as_storage, own_sample_shards
-from pipeline.store.sample_meta import parse_sample_meta
+from pipeline.store.sample_meta import REFERENCE_FILE, parse_sample_meta
 from pipeline.store.shards import ShardWriter, image_png, iter_members, mask_png, sample_json, shard_number
 from stages.metrics import entity_face_cosine, face_cosine, face_flags, face_row, with_references
 
@@ -82,7 +81,6 @@ SUBJECT_BOTTOM = 0.9
 # thousands of clips; the draw among them still varies.
 MAX_PARTNERS = 32
 SIMILARITY_BLOCK = 2048  # rows of the blocked cosine matrix: memory ~ block x references x 4 bytes
-REFERENCE_FILE = {"file": re.compile(r"ref\d{1,4}\.png"), "mask": re.compile(r"mask\d{1,4}\.png")}
 # What the free-form parts of a KEY.json from elsewhere (stats.metrics, reference fields the schema lets through)
 # raise when they are not what this pipeline writes; HostileData, ShardError and UnsafeName are ValueErrors. One
 # sample is skipped with a warning for it, never the pass.

@@ -40,11 +40,11 @@ from pipeline.core.errors import UserFacingError
 from pipeline.core.names import check_shard
 from pipeline.core.storage import Storage
 from pipeline.core.untrusted import MB, HostileData, load_yaml, printable, read_limits
-from pipeline.postpass.cross_pairs import MALFORMED, REFERENCE_FILE, build_cross_pairs, load_table, warn_all
+from pipeline.postpass.cross_pairs import MALFORMED, build_cross_pairs, load_table, warn_all
 from pipeline.store.assemble import reference_counts
 from pipeline.store.ledger import Ledger, LedgerState, as_storage, own_sample_shards
 from pipeline.store.outputs import write_outputs
-from pipeline.store.sample_meta import parse_sample_meta
+from pipeline.store.sample_meta import REFERENCE_FILE, parse_sample_meta
 from pipeline.store.shards import ShardSink, iter_members, sample_json
 from stages.instances import decide_instances
 from stages.quality import quality_decision

@@ -11,13 +11,17 @@ skipped with its reason, never a crash: `parse_sample_meta` raises `HostileData`
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from pipeline.core.untrusted import HostileData, load_json, printable, read_limits
 
-__all__ = ["parse_sample_meta"]
+__all__ = ["REFERENCE_FILE", "parse_sample_meta"]
+
+# The members a reference names (`file`, `mask`): what the pipeline writes, and all a reader may open for one.
+REFERENCE_FILE = {"file": re.compile(r"ref\d{1,4}\.png"), "mask": re.compile(r"mask\d{1,4}\.png")}
 
 Box = list[float]
 
